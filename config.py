@@ -1,0 +1,161 @@
+"""Settings, read once at start-up from the environment (and a `.env` file via python-dotenv).
+
+`load_settings(environ)` is pure: it takes a mapping and returns a frozen `Settings`, or raises
+`ConfigError` naming the variable. `server.py` turns that into one line on stderr and exit
+status 2, so a typo never becomes a half-working server.
+
+Every variable here is listed in the README's configuration table.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from dataclasses import dataclass
+from typing import Mapping
+from urllib.parse import parse_qs, urlsplit
+
+DEFAULT_DEEPGRAM_URL = (
+    "wss://api.deepgram.com/v1/listen?model=nova-3&encoding=mulaw&sample_rate=8000"
+    "&channels=2&multichannel=true&interim_results=true&punctuate=true"
+)
+ENGINES = ("auto", "deepgram", "pocketsphinx", "deterministic")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    def __init__(self, variable: str, message: str):
+        super().__init__(f"{variable}: {message}")
+        self.variable = variable
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 5000
+    deepgram_url: str = DEFAULT_DEEPGRAM_URL
+    deepgram_api_key: str | None = None
+    stt_engine: str = "auto"  # resolved by `engine` below
+    cert_pem: str | None = None
+    key_pem: str | None = None
+    log_level: str = "INFO"
+    frame_ms: int = 100  # audio per message to Deepgram
+    max_lag_ms: int = 200  # how far one leg may run ahead before the other is padded
+    max_gap_ms: int = 10_000  # larger timestamp jumps are re-based, not padded
+    subscriber_queue: int = 1000  # messages a subscriber may fall behind before it is dropped
+    max_message_bytes: int = 65_536  # largest websocket message accepted from a peer
+    upstream_queue_seconds: float = 60.0  # audio held for a slow or connecting upstream
+    connect_timeout: float = 10.0  # opening the upstream socket
+    close_timeout: float = 10.0  # waiting for the upstream's last results after CloseStream
+    keepalive_seconds: float = 4.0  # KeepAlive to the upstream when no audio has gone out
+    shutdown_timeout: float = 30.0  # SIGTERM: time for in-flight calls to finish
+
+    @property
+    def engine(self) -> str:
+        """The recogniser in use: Deepgram when a key is set (or asked for), else the embedded one."""
+        if self.stt_engine != "auto":
+            return self.stt_engine
+        return "deepgram" if self.deepgram_api_key else "pocketsphinx"
+
+    @property
+    def tls(self) -> bool:
+        return self.cert_pem is not None
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("PROXY_URL", f"expected host:port such as 127.0.0.1:5000, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _number(env: Mapping[str, str], name: str, default, low, high, kind=int):
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = kind(raw.strip())
+    except ValueError:
+        raise ConfigError(name, f"expected a number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(name, f"must be between {low} and {high}, got {raw!r}")
+    return value
+
+
+def _check_deepgram_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.netloc:
+        raise ConfigError("DEEPGRAM_URL", f"expected a ws:// or wss:// URL, got {url!r}")
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    wanted = {"encoding": "mulaw", "sample_rate": "8000", "channels": "2"}
+    wrong = [f"{k}={v}" for k, v in wanted.items() if query.get(k) != v]
+    if wrong:
+        raise ConfigError(
+            "DEEPGRAM_URL",
+            "the proxy sends 2-channel 8 kHz mu-law; the query must include " + "&".join(wrong),
+        )
+
+
+def _pem_file(env: Mapping[str, str], name: str) -> str | None:
+    path = env.get(name) or None
+    if path is not None and not os.path.isfile(path):
+        raise ConfigError(name, f"no such file: {path!r}")
+    return path
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    host, port = _host_port(env.get("PROXY_URL") or "127.0.0.1:5000")
+
+    deepgram_url = env.get("DEEPGRAM_URL") or DEFAULT_DEEPGRAM_URL
+    _check_deepgram_url(deepgram_url)
+
+    engine = (env.get("STT_ENGINE") or "auto").strip().lower()
+    if engine not in ENGINES:
+        raise ConfigError("STT_ENGINE", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
+    api_key = env.get("DEEPGRAM_API_KEY") or None
+    if engine == "deepgram" and not api_key:
+        raise ConfigError("DEEPGRAM_API_KEY", "STT_ENGINE=deepgram needs a Deepgram API key")
+
+    cert, key = _pem_file(env, "CERT_PEM"), _pem_file(env, "KEY_PEM")
+    if (cert is None) != (key is None):
+        raise ConfigError("CERT_PEM" if cert is None else "KEY_PEM", "CERT_PEM and KEY_PEM go together")
+    if cert and key:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError("CERT_PEM", f"cannot load the certificate and key: {exc}") from None
+
+    log_level = (env.get("LOG_LEVEL") or "INFO").strip().upper()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError("LOG_LEVEL", f"must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+
+    return Settings(
+        host=host,
+        port=port,
+        deepgram_url=deepgram_url,
+        deepgram_api_key=api_key,
+        stt_engine=engine,
+        cert_pem=cert,
+        key_pem=key,
+        log_level=log_level,
+        frame_ms=_number(env, "DEEPGRAM_FRAME_MS", 100, 20, 250),
+        max_lag_ms=_number(env, "MIX_MAX_LAG_MS", 200, 0, 2000),
+        max_gap_ms=_number(env, "MIX_MAX_GAP_MS", 10_000, 0, 600_000),
+        subscriber_queue=_number(env, "SUBSCRIBER_QUEUE", 1000, 1, 1_000_000),
+        max_message_bytes=_number(env, "MAX_MESSAGE_BYTES", 65_536, 1024, 16 * 2**20),
+        upstream_queue_seconds=_number(env, "UPSTREAM_QUEUE_SECONDS", 60.0, 1.0, 3600.0, float),
+        connect_timeout=_number(env, "DEEPGRAM_CONNECT_TIMEOUT", 10.0, 0.1, 120.0, float),
+        close_timeout=_number(env, "DEEPGRAM_CLOSE_TIMEOUT", 10.0, 0.1, 120.0, float),
+        keepalive_seconds=_number(env, "DEEPGRAM_KEEPALIVE_SECONDS", 4.0, 0.5, 9.0, float),
+        shutdown_timeout=_number(env, "SHUTDOWN_TIMEOUT", 30.0, 0.0, 3600.0, float),
+    )
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

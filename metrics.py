@@ -1,0 +1,51 @@
+"""Process-wide counters, served at /metrics in the Prometheus text format.
+
+Per-call figures live on the `Call` and go to the end-of-call log line; these are the totals an
+operator graphs and alerts on.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+REGISTRY = CollectorRegistry()
+
+calls_active = Gauge("calls_active", "Calls in progress", registry=REGISTRY)
+calls_total = Counter("calls", "Calls started", registry=REGISTRY)
+twilio_streams_total = Counter("twilio_streams", "Twilio stream sockets that sent a start", registry=REGISTRY)
+handovers_total = Counter("handovers", "Second Twilio sockets joining a call in progress", registry=REGISTRY)
+media_frames_total = Counter("media_frames", "Twilio media messages received", registry=REGISTRY)
+twilio_events_total = Counter(
+    "twilio_events_ignored", "Twilio events counted and ignored (mark, dtmf, unknown, ...)", ["event"],
+    registry=REGISTRY,
+)
+bad_frames_total = Counter("bad_frames", "Unusable Twilio messages, by kind", ["kind"], registry=REGISTRY)
+mixer_anomalies_total = Counter(
+    "mixer_anomalies", "Chunks that were lost, late, duplicated, reordered or re-based", ["kind"],
+    registry=REGISTRY,
+)
+upstream_bytes_total = Counter("upstream_bytes", "Audio bytes sent to the recogniser", registry=REGISTRY)
+upstream_unsent_bytes_total = Counter(
+    "upstream_unsent_bytes", "Audio bytes that never reached the recogniser", registry=REGISTRY
+)
+upstream_errors_total = Counter("upstream_errors", "Recogniser connections that failed", registry=REGISTRY)
+upstream_messages_total = Counter("upstream_messages", "Messages received from the recogniser", registry=REGISTRY)
+keepalives_total = Counter("keepalives", "KeepAlive messages sent to the recogniser", registry=REGISTRY)
+end_of_call_total = Counter(
+    "end_of_call", "End-of-call flushes, by outcome (complete: Metadata received)", ["outcome"],
+    registry=REGISTRY,
+)
+subscribers_active = Gauge("subscribers_active", "Connected /client subscribers", registry=REGISTRY)
+subscribers_dropped_total = Counter(
+    "subscribers_dropped", "Subscribers closed for falling behind", registry=REGISTRY
+)
+subscriber_rejections_total = Counter(
+    "subscriber_rejections", "Subscriptions refused, by reason", ["reason"], registry=REGISTRY
+)
+subscriber_junk_total = Counter(
+    "subscriber_junk_messages", "Messages subscribers sent after subscribing (ignored)", registry=REGISTRY
+)
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)
