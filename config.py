@@ -159,3 +159,7 @@ def configure_logging(level: str) -> None:
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # websockets logs every connection at INFO: with hundreds of calls that drowns our own
+    # one-line-per-call logs, so it speaks only at DEBUG or when something is wrong.
+    if level != "DEBUG":
+        logging.getLogger("websockets").setLevel(logging.WARNING)

@@ -206,7 +206,7 @@ def parse_subscription(message: str | bytes) -> tuple[str, bool]:
         except UnicodeDecodeError:
             raise BadSubscription("subscription is not UTF-8 text") from None
     text = message.strip()
-    if not text.startswith("{"):
+    if not text.startswith(("{", "[")):
         if not text or len(text) > 64 or any(c.isspace() for c in text):
             raise BadSubscription("send one callSid, or a JSON subscribe message")
         return text, False

@@ -26,7 +26,7 @@ import sys
 from contextlib import AsyncExitStack
 from urllib.parse import urlsplit, urlunsplit
 
-from dotenv import load_dotenv
+from dotenv import find_dotenv, load_dotenv
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -278,7 +278,7 @@ async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future |
 
 
 def main() -> int:
-    load_dotenv()
+    load_dotenv(find_dotenv(usecwd=True))  # the .env of the directory the server is run from
     try:
         settings = load_settings(os.environ)
     except ConfigError as exc:

@@ -126,7 +126,8 @@ def _parse_start(message: dict) -> Start:
     tracks = start.get("tracks", ["inbound"])
     if not isinstance(tracks, list) or not tracks or any(t not in TRACKS for t in tracks):
         raise BadEvent("bad_track", f"'start.tracks' must list 'inbound'/'outbound', got {tracks!r:.80}")
-    params = start.get("customParameters") or {}
+    params = start.get("customParameters")
+    params = {} if params is None else params
     if not isinstance(params, dict):
         raise BadEvent("wrong_type", "'start.customParameters' must be an object")
     media_format = None
@@ -163,7 +164,7 @@ def _parse_media(message: dict) -> Media:
     payload = _string(media, "payload")
     try:
         audio = binascii.a2b_base64(payload, strict_mode=True)
-    except binascii.Error as exc:
+    except ValueError as exc:  # binascii.Error, or non-ASCII text
         raise BadEvent("bad_base64", f"'media.payload' is not base64: {exc}") from None
     return Media(
         sequenceNumber=_integer(message, "sequenceNumber"),
