@@ -247,7 +247,10 @@ async def start_recogniser(settings: Settings, stack: AsyncExitStack) -> tuple[s
 
 
 async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future | None = None) -> None:
-    """Serve until `stop` is set, then shut down gracefully."""
+    """Serve until `stop` is set, then shut down gracefully.
+
+    `started`, if given, receives (port, proxy) once the server listens (tests bind port 0).
+    """
     async with AsyncExitStack() as stack:
         url, key = await start_recogniser(settings, stack)
         proxy = Proxy(settings, url, key)
@@ -261,9 +264,9 @@ async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future |
         port = server.sockets[0].getsockname()[1]
         scheme = "wss" if settings.tls else "ws"
         log.info("listening on %s://%s:%d (/twilio, /client, /healthz, /readyz, /metrics)",
-                 scheme, settings.host, port, )
+                 scheme, settings.host, port)
         if started is not None:
-            started.set_result(port)
+            started.set_result((port, proxy))
         await stop.wait()
         log.info("shutting down: finishing %d calls in progress", len(proxy.calls))
         server.server.close()  # stop accepting; open connections stay up

@@ -1,0 +1,292 @@
+"""The whole path over real sockets: simulator -> proxy -> Deepgram-compatible server -> subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from conftest import Listener, expected_channels, wait_for, websocat_path
+from local_stt import parse_deterministic
+from simulate import CallOptions, Chunk, TwilioStream, plan_media, run_call
+from speech import SENTENCES, speak
+
+
+def two_minute_legs() -> tuple[bytes, bytes]:
+    """Two minutes of speech per leg, a different voice and text on each."""
+    inbound = b"".join(speak(s, "espeak") for s in SENTENCES)
+    outbound = b"".join(speak(s, "flite") for s in reversed(SENTENCES))
+    seconds = 120 * 8000
+    return (inbound * (seconds // len(inbound) + 1))[:seconds], (outbound * (seconds // len(outbound) + 1))[:seconds]
+
+
+async def play(ws, stream: TwilioStream, chunks: list[Chunk]) -> None:
+    for chunk in chunks:
+        await ws.send(stream.media(chunk.track, chunk.timestamp, chunk.payload, chunk.chunk))
+
+
+def deepgram_messages(record) -> list[str]:
+    return [text for _, text in record.sent]
+
+
+async def test_two_minute_call_with_loss_arrives_byte_exact_and_every_message_reaches_both_subscribers(stack):
+    inbound, outbound = two_minute_legs()
+    options = CallOptions(inbound=inbound, outbound=outbound, loss=0.05, speed=0)
+    planned, lost = plan_media(options, random.Random(7))
+    assert len(lost) > 200  # 5 % of 12,000 chunks
+    stream = TwilioStream(tracks=["inbound", "outbound"])
+
+    async with connect(stack.url("/twilio")) as twilio:
+        await twilio.send(stream.connected())
+        await twilio.send(stream.start())
+        await stack.wait_for_call(stream.call_sid)
+
+        # Two raw subscribers, as a person would use: websocat, and a Python client.
+        websocat = subprocess.Popen([websocat_path(), stack.url("/client")], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True)
+        websocat.stdin.write(stream.call_sid + "\n")
+        websocat.stdin.flush()
+        python = await Listener(stack.url("/client"), stream.call_sid).start()
+        await stack.wait_for_subscribers(2)
+
+        await play(twilio, stream, [p.chunk for p in planned])
+        await twilio.send(stream.stop())
+
+    await python.finished()
+    out, _ = await asyncio.to_thread(websocat.communicate, timeout=30)
+    record = stack.stt.connections[-1]
+
+    # Byte-exact per channel: each leg's audio at its timestamps, silence exactly where chunks were lost.
+    want_inbound, want_outbound = expected_channels([p.chunk for p in planned])
+    assert len(want_inbound) == 120 * 8000  # the last chunk of each leg survived (seed 7)
+    assert bytes(record.audio[0]) == want_inbound
+    assert bytes(record.audio[1]) == want_outbound
+
+    # Every Deepgram message, including what came after CloseStream, reached both subscribers in order.
+    sent = deepgram_messages(record)
+    assert record.controls[-1] == {"type": "CloseStream"}
+    assert json.loads(sent[-1])["type"] == "Metadata"
+    assert python.messages == sent
+    assert python.close_code == 1000
+    lines = out.splitlines()
+    assert json.loads(lines[0]) == [stream.call_sid]  # the greeting: calls in progress
+    assert lines[1:] == sent
+    assert websocat.returncode == 0
+
+    # The deterministic transcripts cover the whole call on both channels.
+    finals = [json.loads(m) for m in sent if json.loads(m).get("is_final")]
+    for channel in (0, 1):
+        spans = [parse_deterministic(r["channel"]["alternatives"][0]["transcript"])
+                 for r in finals if r["channel_index"][0] == channel]
+        assert spans[0].start_ms == 0 and spans[-1].end_ms == 120_000
+        assert all(a.end_ms == b.start_ms for a, b in zip(spans, spans[1:]))
+
+
+async def test_frames_to_deepgram_are_100_ms_binary_and_control_is_text(stack):
+    audio = bytes(range(256)) * 50  # 1.6 s
+    result = await run_call(stack.url("/twilio"), CallOptions(inbound=audio, outbound=audio, speed=0))
+    await wait_for(lambda: stack.stt.connections and stack.stt.connections[-1].closed, what="upstream close")
+    record = stack.stt.connections[-1]
+    sizes = [n for _, n in record.arrivals]
+    assert sizes[:-1] == [1600] * (len(sizes) - 1)  # 100 ms of 2-channel 8 kHz mu-law
+    assert record.headers["Authorization"] == "Token test-deepgram-key"
+    assert record.controls == [{"type": "CloseStream"}]
+    assert result.close_code == 1000
+
+
+async def test_one_legged_stream_is_transcribed_with_a_silent_second_channel(stack):
+    audio = speak(SENTENCES[0])
+    listener = None
+    options = CallOptions(outbound=audio, speed=0, call_sid="CAoneleg")
+    result = await run_call(stack.url("/twilio"), options)
+    await wait_for(lambda: stack.stt.connections and stack.stt.connections[-1].closed, what="upstream close")
+    record = stack.stt.connections[-1]
+    _, want_outbound = expected_channels(result.sent)
+    assert bytes(record.audio[1]) == want_outbound
+    assert set(record.audio[0]) == {0xFF}
+    assert listener is None
+
+
+async def test_late_outbound_leg_does_not_stall_the_inbound_one(stack):
+    inbound = bytes(range(1, 255)) * 40  # ~1.3 s
+    options = CallOptions(inbound=inbound, outbound=inbound, outbound_delay_ms=800, speed=0)
+    async with connect(stack.url("/twilio")) as twilio:
+        stream = TwilioStream(tracks=["inbound", "outbound"])
+        await twilio.send(stream.start())
+        planned, _ = plan_media(options, random.Random(1))
+        # Only the first 800 ms of the inbound leg: the outbound one has not started yet.
+        await play(twilio, stream, [p.chunk for p in planned if p.chunk.timestamp < 800])
+        await wait_for(lambda: stack.stt.connections and len(stack.stt.connections[-1].raw) >= 2 * 4800,
+                       what="inbound audio upstream before the outbound leg starts")
+        await play(twilio, stream, [p.chunk for p in planned if p.chunk.timestamp >= 800])
+        await twilio.send(stream.stop())
+    await wait_for(lambda: stack.stt.connections[-1].closed, what="upstream close")
+    record = stack.stt.connections[-1]
+    want_inbound, want_outbound = expected_channels([p.chunk for p in planned])
+    assert (bytes(record.audio[0]), bytes(record.audio[1])) == (want_inbound, want_outbound)
+
+
+async def test_json_mode_gets_lifecycle_events_and_wrapped_messages(stack):
+    stream = TwilioStream(tracks=["inbound"], custom_parameters={"tenant": "acme"})
+    everything = await Listener(stack.url("/client"), '{"type":"subscribe","callSid":"*"}').start()
+    await stack.wait_for_subscribers(1)
+    async with connect(stack.url("/twilio")) as twilio:
+        await twilio.send(stream.connected())
+        await twilio.send(stream.start())
+        await stack.wait_for_call(stream.call_sid)
+        one = await Listener(stack.url("/client"), json.dumps({"type": "subscribe", "callSid": stream.call_sid})).start()
+        await stack.wait_for_subscribers(2)
+        for i in range(150):
+            await twilio.send(stream.media("inbound", 20 * i, b"\x10" * 160))
+        await twilio.send(stream.stop())
+    await one.finished()
+    sent = deepgram_messages(stack.stt.connections[-1])
+    events = [json.loads(m) for m in one.messages]
+    assert events[0]["type"] == "call_started"
+    assert events[0]["callSid"] == stream.call_sid and events[0]["streamSid"] == stream.stream_sid
+    assert events[0]["tracks"] == ["inbound"] and events[0]["customParameters"] == {"tenant": "acme"}
+    assert events[0]["startTime"].endswith("+00:00")
+    assert [e["data"] for e in events[1:-1]] == [json.loads(m) for m in sent]
+    assert all(e["type"] == "transcript" and e["callSid"] == stream.call_sid for e in events[1:-1])
+    assert events[-1]["type"] == "call_ended" and events[-1]["endOfCall"] == "complete"
+    assert one.close_code == 1000
+    # The wildcard subscriber saw the same and is still connected, waiting for the next call.
+    await wait_for(lambda: len(everything.messages) == len(events), what="wildcard delivery")
+    assert [json.loads(m) for m in everything.messages] == events
+    assert not everything.task.done()
+
+
+async def test_hangup_without_stop_still_delivers_the_last_words(stack):
+    stream = TwilioStream(tracks=["inbound"])
+    async with connect(stack.url("/twilio")) as twilio:
+        await twilio.send(stream.start())
+        await stack.wait_for_call(stream.call_sid)
+        listener = await Listener(stack.url("/client"), stream.call_sid).start()
+        await stack.wait_for_subscribers(1)
+        for i in range(60):  # 1.2 s: the last 0.2 s only comes out at CloseStream
+            await twilio.send(stream.media("inbound", 20 * i, b"\x22" * 160))
+    # The socket closed without `stop`.
+    await listener.finished()
+    sent = deepgram_messages(stack.stt.connections[-1])
+    assert listener.messages == sent and json.loads(sent[-1])["type"] == "Metadata"
+    tail = [json.loads(m) for m in sent if json.loads(m).get("from_finalize")]
+    assert tail and parse_deterministic(tail[-1]["channel"]["alternatives"][0]["transcript"]).end_ms == 1200
+    assert listener.close_code == 1000
+
+
+async def test_tcp_drop_without_close_frame_runs_the_end_of_call_sequence(stack):
+    options = CallOptions(inbound=b"\x33" * 8000, speed=0, abort=True, call_sid="CAabort")
+    await run_call(stack.url("/twilio"), options)
+    await wait_for(lambda: not stack.proxy.hub.has_call("CAabort") and stack.stt.connections[-1].closed,
+                   what="end of call")
+    record = stack.stt.connections[-1]
+    assert bytes(record.audio[0]) == b"\x33" * 8000
+    assert json.loads(record.sent[-1][1])["type"] == "Metadata"
+
+
+async def test_handover_to_a_second_socket_keeps_subscribers_and_the_deepgram_socket(stack):
+    first = TwilioStream(tracks=["inbound", "outbound"])
+    second = TwilioStream(call_sid=first.call_sid, account_sid=first.account_sid, tracks=["inbound", "outbound"])
+    a = await connect(stack.url("/twilio"))
+    await a.send(first.start())
+    await stack.wait_for_call(first.call_sid)
+    listener = await Listener(stack.url("/client"), first.call_sid).start()
+    await stack.wait_for_subscribers(1)
+    for i in range(100):  # 2 s on the first socket
+        for track in ("inbound", "outbound"):
+            await a.send(first.media(track, 20 * i, bytes([1 + (i % 200)]) * 160))
+
+    b = await connect(stack.url("/twilio"))  # Twilio opens a second socket for the same call
+    await b.send(second.start())
+    await wait_for(lambda: stack.proxy.calls._calls[first.call_sid].sockets.__len__() == 2, what="handover")
+    await a.close()  # the old socket goes away without `stop`
+    await asyncio.sleep(0.1)
+    assert stack.proxy.hub.has_call(first.call_sid)  # the call goes on
+    for i in range(100):  # 2 s more on the new socket; its timestamps restart at 0
+        for track in ("inbound", "outbound"):
+            await b.send(second.media(track, 20 * i, bytes([101 + (i % 100)]) * 160))
+    await b.send(second.stop())
+    await b.close()
+    await listener.finished()
+
+    assert len(stack.stt.connections) == 1  # one Deepgram socket for the whole call
+    record = stack.stt.connections[0]
+    want = b"".join(bytes([1 + i]) * 160 for i in range(100)) + b"".join(bytes([101 + i]) * 160 for i in range(100))
+    assert bytes(record.audio[0]) == want and bytes(record.audio[1]) == want
+    assert listener.messages == deepgram_messages(record)
+    assert listener.close_code == 1000
+
+
+async def until_closed(ws) -> None:
+    try:
+        async for _ in ws:
+            pass
+    except ConnectionClosed:
+        pass
+
+
+async def test_unknown_call_and_bad_subscription_get_4000_range_closes(stack):
+    async with connect(stack.url("/client")) as ws:
+        assert json.loads(await ws.recv()) == []
+        await ws.send("CAdoesnotexist")
+        await until_closed(ws)
+    assert ws.close_code == 4404 and "unknown callSid" in ws.close_reason
+    async with connect(stack.url("/client")) as ws:
+        await ws.recv()
+        await ws.send('{"type":"subscribe"}')
+        await until_closed(ws)
+    assert ws.close_code == 4400
+
+
+async def test_bad_twilio_messages_are_counted_and_the_call_goes_on(stack):
+    stream = TwilioStream(tracks=["inbound"])
+    async with connect(stack.url("/twilio")) as twilio:
+        await twilio.send(stream.media("inbound", 0, b"\x01" * 160))  # media before start
+        await twilio.send(stream.start())
+        for i, junk in enumerate(["{nope", '{"event":"media","streamSid":"MZ","media":{"track":"x"}}',
+                                  b"\x00\x01binary", '{"event":"mark","sequenceNumber":"3","streamSid":"MZ",'
+                                  '"mark":{"name":"m"}}', '{"event":"whatever"}']):
+            await twilio.send(junk)
+            await twilio.send(stream.media("inbound", 20 * i, b"\x44" * 160))
+        await twilio.send(stream.stop())
+    await wait_for(lambda: stack.stt.connections and stack.stt.connections[-1].closed, what="end of call")
+    assert bytes(stack.stt.connections[-1].audio[0]) == b"\x44" * 800
+    metrics_text = await asyncio.to_thread(_http_get, stack.port, "/metrics")
+    for kind in ("media_before_start", "malformed_json", "bad_track", "binary_frame"):
+        assert f'bad_frames_total{{kind="{kind}"}} 1.0' in metrics_text
+    assert 'twilio_events_ignored_total{event="mark"} 1.0' in metrics_text
+    assert 'twilio_events_ignored_total{event="unknown"} 1.0' in metrics_text
+
+
+async def test_an_oversized_frame_closes_only_that_socket_with_1009(stack):
+    stream = TwilioStream(tracks=["inbound"])
+    async with connect(stack.url("/twilio")) as twilio:
+        await twilio.send(stream.start())
+        await twilio.send("x" * 70_000)
+        await until_closed(twilio)
+    assert twilio.close_code == 1009
+    await wait_for(lambda: not stack.proxy.hub.has_call(stream.call_sid), what="call cleaned up")
+
+
+def _http_get(port: int, path: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        return response.read().decode()
+
+
+async def test_health_readiness_and_unknown_paths(stack):
+    assert await asyncio.to_thread(_http_get, stack.port, "/healthz") == "ok\n"
+    assert await asyncio.to_thread(_http_get, stack.port, "/readyz") == "ready\n"
+    import urllib.error
+
+    try:
+        await asyncio.to_thread(_http_get, stack.port, "/nope")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 404
+    else:
+        raise AssertionError("unknown path answered 200")
