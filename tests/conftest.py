@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 import server
 from config import Settings
@@ -116,8 +117,11 @@ class Listener:
         async with connect(self.url) as ws:
             self.greeting = json.loads(await ws.recv())
             await ws.send(self.subscription)
-            async for message in ws:
-                self.messages.append(message)
+            try:
+                async for message in ws:
+                    self.messages.append(message)
+            except ConnectionClosed:
+                pass  # a 4xxx close: recorded below
         self.close_code, self.close_reason = ws.close_code, ws.close_reason
 
     async def finished(self, timeout: float = 20.0) -> "Listener":

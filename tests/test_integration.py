@@ -243,6 +243,7 @@ async def test_unknown_call_and_bad_subscription_get_4000_range_closes(stack):
 
 
 async def test_bad_twilio_messages_are_counted_and_the_call_goes_on(stack):
+    before = await metric_values(stack.port)
     stream = TwilioStream(tracks=["inbound"])
     async with connect(stack.url("/twilio")) as twilio:
         await twilio.send(stream.media("inbound", 0, b"\x01" * 160))  # media before start
@@ -255,11 +256,11 @@ async def test_bad_twilio_messages_are_counted_and_the_call_goes_on(stack):
         await twilio.send(stream.stop())
     await wait_for(lambda: stack.stt.connections and stack.stt.connections[-1].closed, what="end of call")
     assert bytes(stack.stt.connections[-1].audio[0]) == b"\x44" * 800
-    metrics_text = await asyncio.to_thread(_http_get, stack.port, "/metrics")
-    for kind in ("media_before_start", "malformed_json", "bad_track", "binary_frame"):
-        assert f'bad_frames_total{{kind="{kind}"}} 1.0' in metrics_text
-    assert 'twilio_events_ignored_total{event="mark"} 1.0' in metrics_text
-    assert 'twilio_events_ignored_total{event="unknown"} 1.0' in metrics_text
+    after = await metric_values(stack.port)
+    for name in ('bad_frames_total{kind="media_before_start"}', 'bad_frames_total{kind="malformed_json"}',
+                 'bad_frames_total{kind="bad_track"}', 'bad_frames_total{kind="binary_frame"}',
+                 'twilio_events_ignored_total{event="mark"}', 'twilio_events_ignored_total{event="unknown"}'):
+        assert after[name] - before.get(name, 0) == 1, name
 
 
 async def test_an_oversized_frame_closes_only_that_socket_with_1009(stack):
@@ -270,6 +271,17 @@ async def test_an_oversized_frame_closes_only_that_socket_with_1009(stack):
         await until_closed(twilio)
     assert twilio.close_code == 1009
     await wait_for(lambda: not stack.proxy.hub.has_call(stream.call_sid), what="call cleaned up")
+
+
+async def metric_values(port: int) -> dict[str, float]:
+    """The proxy's /metrics as {'name{labels}': value}; tests compare before and after."""
+    text = await asyncio.to_thread(_http_get, port, "/metrics")
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
 
 
 def _http_get(port: int, path: str) -> str:
@@ -290,3 +302,165 @@ async def test_health_readiness_and_unknown_paths(stack):
         assert exc.code == 404
     else:
         raise AssertionError("unknown path answered 200")
+
+
+async def stalled_subscriber(url: str, call_sid: str):
+    """A subscriber that subscribes and then never reads: a tiny receive window and no reading."""
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1].split("/")[0])))
+    ws = await connect(url, sock=sock, max_queue=1)
+    await ws.recv()
+    await ws.send(call_sid)
+    return ws
+
+
+async def test_a_stalled_subscriber_is_dropped_and_costs_the_others_nothing(stacks):
+    import functools
+
+    from local_stt import DeterministicEngine
+
+    # Many small results (20 ms windows) so the stalled client's buffers really fill up.
+    stack = await stacks(engine_factory=functools.partial(DeterministicEngine, window=0.02), subscriber_queue=50)
+    before = await metric_values(stack.port)
+    stream = TwilioStream(tracks=["inbound", "outbound"])
+    async with connect(stack.url("/twilio")) as twilio:
+        await twilio.send(stream.start())
+        await stack.wait_for_call(stream.call_sid)
+        healthy = await Listener(stack.url("/client"), stream.call_sid).start()
+        stalled = await stalled_subscriber(stack.url("/client"), stream.call_sid)
+        await stack.wait_for_subscribers(2)
+        for i in range(3000):  # 60 s of audio at 10x real time
+            for track in ("inbound", "outbound"):
+                await twilio.send(stream.media(track, 20 * i, bytes([i % 250]) * 160))
+            if i % 5 == 4:
+                await asyncio.sleep(0.01)
+        await twilio.send(stream.stop())
+    await healthy.finished(timeout=60)
+    sent = deepgram_messages(stack.stt.connections[-1])
+    assert len(sent) > 10_000
+    assert healthy.messages == sent and healthy.close_code == 1000
+    assert stack.proxy.hub.dropped_total == 1
+    # The stalled client, once it reads again, finds the documented close code.
+    await until_closed(stalled)
+    assert stalled.close_code == 4429
+    after = await metric_values(stack.port)
+    assert after["subscribers_dropped_total"] - before["subscribers_dropped_total"] == 1
+
+
+async def test_keepalive_holds_the_deepgram_socket_open_while_the_call_is_on_hold(stacks):
+    from local_stt import Faults
+
+    stack = await stacks(keepalive_seconds=0.3, faults=Faults(idle_timeout=1.0))
+    stream = TwilioStream(tracks=["inbound"])
+    async with connect(stack.url("/twilio")) as twilio:
+        await twilio.send(stream.start())
+        await stack.wait_for_call(stream.call_sid)
+        listener = await Listener(stack.url("/client"), stream.call_sid).start()
+        for i in range(50):
+            await twilio.send(stream.media("inbound", 20 * i, b"\x55" * 160))
+        await asyncio.sleep(2.5)  # on hold: no media for 2.5 s, Deepgram would close after 1 s
+        for i in range(50, 100):
+            await twilio.send(stream.media("inbound", 20 * i, b"\x66" * 160))
+        await twilio.send(stream.stop())
+    await listener.finished()
+    record = stack.stt.connections[-1]
+    assert len(stack.stt.connections) == 1 and record.close_code == 1000
+    assert record.controls.count({"type": "KeepAlive"}) >= 3
+    assert bytes(record.audio[0]) == b"\x55" * 8000 + b"\x66" * 8000
+    assert listener.messages == deepgram_messages(record)
+
+
+async def test_deepgram_refusing_the_key_is_reported_and_twilio_is_not_disconnected(stacks):
+    stack = await stacks(deepgram_api_key="wrong-key")
+    before = await metric_values(stack.port)
+    stream = TwilioStream(tracks=["inbound"])
+    everything = await Listener(stack.url("/client"), '{"type":"subscribe","callSid":"*"}').start()
+    async with connect(stack.url("/twilio")) as twilio:
+        await twilio.send(stream.start())
+        await wait_for(lambda: any('"error"' in m for m in everything.messages), what="error event")
+        for i in range(50):
+            await twilio.send(stream.media("inbound", 20 * i, b"\x01" * 160))
+        await twilio.send(stream.stop())
+        await until_closed(twilio)
+    assert twilio.close_code == 1000  # closed by us after `stop`, not because Deepgram failed
+    await wait_for(lambda: '"call_ended"' in everything.messages[-1], what="call_ended")
+    events = [json.loads(m) for m in everything.messages]
+    error = next(e for e in events if e["type"] == "error")
+    assert "HTTP 401" in error["message"] and error["callSid"] == stream.call_sid
+    ended = events[-1]
+    assert ended["endOfCall"] == "failed" and "401" in ended["error"]
+    after = await metric_values(stack.port)
+    assert after["upstream_errors_total"] - before["upstream_errors_total"] == 1
+    # 1 s of stereo audio that could not be sent: counted, never silently lost.
+    assert after["upstream_unsent_bytes_total"] - before["upstream_unsent_bytes_total"] == 16000
+
+
+async def test_concurrent_calls_stay_separate_and_exact(stack):
+    from simulate import run_calls
+
+    options = [CallOptions(inbound=bytes([i + 1]) * 8000, outbound=bytes([i + 101]) * 6000, speed=0,
+                           loss=0.05, seed=i) for i in range(20)]
+    results = await run_calls(stack.url("/twilio"), options)
+    await wait_for(lambda: len(stack.stt.connections) == 20 and all(c.closed for c in stack.stt.connections),
+                   what="all upstream sockets closed")
+    by_audio = {bytes(c.audio[0][:1]): c for c in stack.stt.connections if c.audio[0]}
+    for i, result in enumerate(results):
+        want_in, want_out = expected_channels(result.sent)
+        record = by_audio[bytes([i + 1])]
+        assert (bytes(record.audio[0]), bytes(record.audio[1])) == (want_in, want_out)
+    assert len(stack.proxy.calls) == 0 and stack.proxy.hub.call_sids() == []
+
+
+async def test_sigterm_finishes_calls_in_flight_and_exits_0(tmp_path):
+    import os
+    import signal
+    import socket
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PROXY_URL": f"127.0.0.1:{port}", "STT_ENGINE": "deterministic", "LOG_LEVEL": "INFO"}
+    env.pop("DEEPGRAM_API_KEY", None)
+    server_py = Path(__file__).resolve().parent.parent / "server.py"
+    process = await asyncio.create_subprocess_exec(sys.executable, str(server_py), cwd=tmp_path, env=env,
+                                                   stderr=asyncio.subprocess.PIPE)
+    try:
+        await wait_for(lambda: _reachable(port), timeout=30, what="server up")
+        stream = TwilioStream(tracks=["inbound"])
+        twilio = await connect(f"ws://127.0.0.1:{port}/twilio")
+        await twilio.send(stream.start())
+        listener = None
+        for _ in range(100):
+            listener = await Listener(f"ws://127.0.0.1:{port}/client", stream.call_sid).start()
+            if listener.greeting:
+                break
+        for i in range(120):  # 2.4 s of audio, no stop: the call is in flight
+            await twilio.send(stream.media("inbound", 20 * i, b"\x77" * 160))
+        await asyncio.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        await listener.finished()
+        await until_closed(twilio)
+        code = await asyncio.wait_for(process.wait(), 30)
+        log = (await process.stderr.read()).decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert code == 0
+    assert twilio.close_code == 1001  # "going away": the server asked Twilio to stop
+    messages = [json.loads(m) for m in listener.messages]
+    assert messages[-1]["type"] == "Metadata" and listener.close_code == 1000
+    finals = [m for m in messages if m.get("is_final")]
+    assert parse_deterministic(finals[-1]["channel"]["alternatives"][0]["transcript"]).end_ms == 2400
+    assert "call ended callSid=" + stream.call_sid in log and "end_of_call=complete" in log
+
+
+def _reachable(port: int) -> bool:
+    try:
+        return _http_get(port, "/healthz") == "ok\n"
+    except OSError:
+        return False
