@@ -129,7 +129,8 @@ class Hub:
     def publish_event(self, call_sid: str, event: dict) -> int:
         """An event for JSON subscribers only (raw subscribers get Deepgram's messages alone)."""
         listeners = [*self._subscribers.get(call_sid, ()), *self._everything]
-        return self._deliver(listeners, json_message=json.dumps({**event, "callSid": call_sid}))
+        event = {"type": event["type"], "callSid": call_sid, **event}
+        return self._deliver(listeners, json_message=json.dumps(event))
 
     def close_call(self, call_sid: str, summary: dict) -> None:
         """The call is over and its last message was published: end its subscriptions."""
