@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,21 @@ async def stacks():
 async def stack(stacks):
     """The proxy with default settings in front of a well-behaved Deepgram-compatible server."""
     return await stacks()
+
+
+@pytest.fixture
+def test_certificate(tmp_path) -> tuple[Path, Path]:
+    """A throwaway self-signed certificate for 127.0.0.1: (cert.pem, key.pem)."""
+    from speech import require_program
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [require_program("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt",
+         "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    return cert, key
 
 
 class Listener:

@@ -403,9 +403,12 @@ async def test_concurrent_calls_stay_separate_and_exact(stack):
 
     options = [CallOptions(inbound=bytes([i + 1]) * 8000, outbound=bytes([i + 101]) * 6000, speed=0,
                            loss=0.05, seed=i) for i in range(20)]
+    tasks_before = len(asyncio.all_tasks())
     results = await run_calls(stack.url("/twilio"), options)
     await wait_for(lambda: len(stack.stt.connections) == 20 and all(c.closed for c in stack.stt.connections),
                    what="all upstream sockets closed")
+    # No call leaves a task behind (handlers, upstream readers and writers all finished).
+    await wait_for(lambda: len(asyncio.all_tasks()) <= tasks_before, what="call tasks to finish")
     by_audio = {bytes(c.audio[0][:1]): c for c in stack.stt.connections if c.audio[0]}
     for i, result in enumerate(results):
         want_in, want_out = expected_channels(result.sent)
@@ -464,3 +467,26 @@ def _reachable(port: int) -> bool:
         return _http_get(port, "/healthz") == "ok\n"
     except OSError:
         return False
+
+
+async def test_with_cert_and_key_the_proxy_speaks_wss(stacks, test_certificate):
+    import ssl
+
+    cert, key = test_certificate
+    stack = await stacks(cert_pem=str(cert), key_pem=str(key))
+    trust = ssl.create_default_context(cafile=str(cert))
+    audio = bytes(range(1, 255)) * 20
+    result = await run_call(f"wss://127.0.0.1:{stack.port}/twilio",
+                            CallOptions(inbound=audio, speed=0, ssl_context=trust))
+    assert result.close_code == 1000 and result.error is None
+    await wait_for(lambda: stack.stt.connections and stack.stt.connections[-1].closed, what="end of call")
+    assert bytes(stack.stt.connections[-1].audio[0]) == expected_channels(result.sent)[0]
+    # A client that does not trust the certificate is refused by TLS itself.
+    from simulate import CallRefused
+
+    try:
+        await run_call(f"wss://127.0.0.1:{stack.port}/twilio", CallOptions(inbound=audio, speed=0))
+    except CallRefused as exc:
+        assert "certificate" in str(exc).lower()
+    else:
+        raise AssertionError("an untrusted certificate was accepted")

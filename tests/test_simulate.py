@@ -615,19 +615,12 @@ async def test_cli_nothing_listening_exits_1():
 
 
 @pytest.fixture
-async def wss_server(tmp_path):
+async def wss_server(test_certificate):
     """A Recorder behind TLS with a throwaway self-signed certificate for 127.0.0.1.
 
     Yields (url, recorder, path of the certificate to trust).
     """
-    openssl = require_program("openssl")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )
+    cert, key = test_certificate
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     recorder = Recorder()
