@@ -19,6 +19,7 @@ from engine import BYTES_PER_SECOND, Segment
 
 SILENCE = b"\xff"  # mu-law zero
 PIECE = 800  # 100 ms of 8 kHz mu-law, as Twilio-sized chunks arrive
+VAD_FRAME = 240  # the endpointer's 30 ms frame, in mu-law bytes
 # These two decode reliably: each test asserts a few of their content words, not an accuracy.
 ESPEAK_SENTENCE = speech.SENTENCES[1]  # "please call me back tomorrow morning about my order"
 FLITE_SENTENCE = speech.SENTENCES[2]  # "thank you for calling how can i help you today"
@@ -118,11 +119,14 @@ async def test_silence_yields_no_words():
 async def test_finalize_emits_speech_in_progress_before_returning():
     segments: list[Segment] = []
     engine = recognizer.engine_factory(0, segments.append)
-    feed(engine, silence(0.5) + speech.speak(ESPEAK_SENTENCE, "espeak"))  # no pause: still speaking
+    audio = silence(0.5) + speech.speak(ESPEAK_SENTENCE, "espeak")
+    audio = audio[: len(audio) // VAD_FRAME * VAD_FRAME]  # ends on a frame boundary: the hard case
+    feed(engine, audio)  # no pause after it: still speaking
     assert segments == []
     await engine.finalize()
     assert segments and segments[-1].from_finalize and segments[-1].speech_final
     assert {"morning", "order"} <= set(words_of(segments))
+    assert_timeline(segments, len(audio) / BYTES_PER_SECOND)
     assert recognizer.stats.pending == 0
 
     # The channel goes on after a finalize, with times still counted from its start.
