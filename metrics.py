@@ -6,10 +6,26 @@ operator graphs and alerts on.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
+import asyncio
+
+from prometheus_client import (
+    CollectorRegistry, Counter, Gauge, ProcessCollector, disable_created_metrics, generate_latest,
+)
 
 disable_created_metrics()  # the *_created series only add noise to a scrape
 REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, process_open_fds, CPU seconds
+
+
+def _task_count() -> int:
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # no running loop: scraped from another thread
+        return 0
+
+
+asyncio_tasks = Gauge("asyncio_tasks", "Tasks alive in the event loop (leak detector)", registry=REGISTRY)
+asyncio_tasks.set_function(_task_count)
 
 calls_active = Gauge("calls_active", "Calls in progress", registry=REGISTRY)
 calls_total = Counter("calls", "Calls started", registry=REGISTRY)
