@@ -98,7 +98,7 @@ class Call:
             self.upstream.send_audio(frame)
         await self.upstream.finish()
         stats = self.upstream.stats
-        outcome = "complete" if stats.metadata_received else ("failed" if stats.error else "incomplete")
+        outcome = stats.outcome
         summary = {
             "streamSid": self.stream_sid,
             "duration": round(time.monotonic() - self.started, 3),
@@ -113,11 +113,11 @@ class Call:
         mixer = self.mixer.stats
         log.info(
             "call ended callSid=%s streamSid=%s duration=%.1fs audio_bytes=%d media_frames=%d "
-            "upstream_frames=%d upstream_bytes=%d unsent_bytes=%d messages=%d delivered=%d "
+            "upstream_frames=%d upstream_bytes=%d unsent_bytes=%d reconnects=%d messages=%d delivered=%d "
             "end_of_call=%s anomalies=%s",
             self.call_sid, self.stream_sid, summary["duration"], mixer.bytes_in, mixer.chunks,
-            stats.frames_sent, stats.bytes_sent, stats.bytes_unsent, self.messages, self.deliveries,
-            outcome, _format_counts({**mixer.anomalies(), **self.counters}),
+            stats.frames_sent, stats.bytes_sent, stats.bytes_unsent, stats.reconnects, self.messages,
+            self.deliveries, outcome, _format_counts({**mixer.anomalies(), **self.counters}),
         )
         self.ended.set()
 

@@ -591,7 +591,7 @@ class LocalSTT:
         self.engine_factory: EngineFactory = engine_factory or DeterministicEngine
         self.faults = faults
         self.connections: list[ConnectionRecord] = []
-        self._attempts = 0
+        self.attempts = 0
         self._server: Server | None = None
 
     @property
@@ -638,8 +638,8 @@ class LocalSTT:
     def _check_request(self, request: Request) -> None:
         if urlsplit(request.path).path != LISTEN_PATH:
             raise HandshakeRefused(http.HTTPStatus.NOT_FOUND, "unknown path")
-        self._attempts += 1
-        if self._attempts <= self.faults.refuse_first:
+        self.attempts += 1
+        if self.attempts <= self.faults.refuse_first:
             raise HandshakeRefused(http.HTTPStatus.SERVICE_UNAVAILABLE, "service unavailable")
         if self.faults.reject_status is not None:
             status = http.HTTPStatus(self.faults.reject_status)

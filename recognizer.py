@@ -49,6 +49,7 @@ from pocketsphinx import Decoder, Endpointer, Vad
 
 import codec
 from engine import BYTES_PER_SECOND, Emit, Segment, Word
+from throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -210,31 +211,20 @@ def _count_finished(future: Future, audio_seconds: float) -> None:
             stats.decode_cpu_seconds += future.result().cpu_seconds
 
 
-class _OverloadLog:
+_overload_throttle = Throttle(OVERLOAD_LOG_INTERVAL)
+
+
+def _log_overload() -> None:
     """At most one warning per interval, saying how many utterances were skipped since the last."""
-
-    def __init__(self, interval: float) -> None:
-        self._interval = interval
-        self._last = -float("inf")
-        self._unreported = 0
-
-    def skipped(self) -> None:
-        self._unreported += 1
-        now = time.monotonic()
-        if now - self._last >= self._interval:
-            log.warning(
-                "recogniser overloaded: %d utterance(s) skipped (pool full, %d pending); "
-                "totals: %d skipped, %.1f s of audio",
-                self._unreported,
-                stats.pending,
-                stats.skipped_utterances,
-                stats.skipped_seconds,
-            )
-            self._last = now
-            self._unreported = 0
+    count = _overload_throttle.hit()
+    if count:
+        log.warning(
+            "recogniser overloaded: %d utterance(s) skipped (pool full, %d pending); "
+            "totals: %d skipped, %.1f s of audio",
+            count, stats.pending, stats.skipped_utterances, stats.skipped_seconds,
+        )
 
 
-_overload_log = _OverloadLog(OVERLOAD_LOG_INTERVAL)
 
 
 # --- The engine -------------------------------------------------------------------------------
@@ -347,7 +337,7 @@ class PocketsphinxEngine:
                 stats.peak_pending = max(stats.peak_pending, stats.pending)
         if full:
             slot.segment = self._segment(slot, [])
-            _overload_log.skipped()
+            _log_overload()
         else:
             slot.future = _submit_to_pool(b"".join(utterance.frames))
             slot.future.add_done_callback(lambda f, seconds=utterance.duration: _count_finished(f, seconds))

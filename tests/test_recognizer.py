@@ -14,6 +14,7 @@ from concurrent.futures import Future
 import pytest
 
 import recognizer
+from throttle import Throttle
 import speech
 from engine import BYTES_PER_SECOND, Segment
 
@@ -35,7 +36,7 @@ def pool():
 def fresh_stats(monkeypatch):
     """Counters and the overload log start from zero in every test (they are process-wide)."""
     monkeypatch.setattr(recognizer, "stats", recognizer.RecognizerStats())
-    monkeypatch.setattr(recognizer, "_overload_log", recognizer._OverloadLog(interval=3600))
+    monkeypatch.setattr(recognizer, "_overload_throttle", Throttle(3600))
 
 
 def silence(seconds: float) -> bytes:
