@@ -1,6 +1,9 @@
 # The proxy as a container: slim official Python, non-root, listening on 0.0.0.0:5000.
 #   docker build -t twilio-transcribe .
 #   docker run --rm -p 5000:5000 --env-file .env twilio-transcribe
+# 0.0.0.0 is reachable from other machines, so the server refuses to start (exit 2) unless .env
+# protects both routes: TWILIO_AUTH_TOKEN + PUBLIC_URL (or CALL_TOKEN) for /twilio, and
+# CLIENT_TOKENS for /client. ALLOW_OPEN_SERVER=true overrides this; README "Security".
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

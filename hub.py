@@ -161,7 +161,10 @@ class Hub:
         if subs is not None:
             subs.discard(sub)
 
-    def subscriber_count(self) -> int:
+    def subscriber_count(self, call_sid: str | None = None) -> int:
+        """All subscribers, or those of one call (wildcard subscribers not included)."""
+        if call_sid is not None:
+            return len(self._subscribers.get(call_sid, ()))
         return len(self._everything) + sum(len(s) for s in self._subscribers.values())
 
     def shutdown(self) -> None:
