@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 from urllib.parse import parse_qs, urlsplit
+
+import security
 
 DEFAULT_DEEPGRAM_URL = (
     "wss://api.deepgram.com/v1/listen?model=nova-3&encoding=mulaw&sample_rate=8000"
@@ -35,7 +38,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 5000
     deepgram_url: str = DEFAULT_DEEPGRAM_URL
-    deepgram_api_key: str | None = None
+    deepgram_api_key: str | None = field(default=None, repr=False)  # a secret: never in a repr
     stt_engine: str = "auto"  # resolved by `engine` below
     cert_pem: str | None = None
     key_pem: str | None = None
@@ -46,10 +49,25 @@ class Settings:
     subscriber_queue: int = 1000  # messages a subscriber may fall behind before it is dropped
     max_message_bytes: int = 65_536  # largest websocket message accepted from a peer
     upstream_queue_seconds: float = 60.0  # audio held for a slow or connecting upstream
+    replay_seconds: float = 10.0  # audio kept after sending, to replay if the upstream drops
     connect_timeout: float = 10.0  # opening the upstream socket
     close_timeout: float = 10.0  # waiting for the upstream's last results after CloseStream
     keepalive_seconds: float = 4.0  # KeepAlive to the upstream when no audio has gone out
     shutdown_timeout: float = 30.0  # SIGTERM: time for in-flight calls to finish
+    # --- security (README "Security"); secrets are kept out of repr() ---
+    twilio_auth_token: str | None = field(default=None, repr=False)  # checks X-Twilio-Signature on /twilio
+    public_url: str | None = None  # wss://host[:port][/prefix] as Twilio dials it; the signed URL is this + path
+    client_tokens: tuple[str, ...] = field(default=(), repr=False)  # bearer tokens accepted on /client
+    call_token: str | None = field(default=None, repr=False)  # expected in start.customParameters
+    call_token_param: str = "token"  # the <Parameter name> carrying call_token
+    allow_open_server: bool = False  # start on a non-loopback address with open routes anyway
+    max_calls: int = 500  # Twilio stream sockets open at once
+    max_subscribers: int = 5000  # /client connections open at once
+    max_subscribers_per_call: int = 10
+    handshake_timeout: float = 10.0  # websocket opening handshake; and on /client, the subscription
+    ping_interval: float = 20.0  # keepalive pings to every peer
+    ping_timeout: float = 20.0  # a peer that does not answer a ping in time is closed (1011)
+    max_subscriber_messages: int = 100  # messages a subscriber may send after subscribing
 
     @property
     def engine(self) -> str:
@@ -147,11 +165,77 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         subscriber_queue=_number(env, "SUBSCRIBER_QUEUE", 1000, 1, 1_000_000),
         max_message_bytes=_number(env, "MAX_MESSAGE_BYTES", 65_536, 1024, 16 * 2**20),
         upstream_queue_seconds=_number(env, "UPSTREAM_QUEUE_SECONDS", 60.0, 1.0, 3600.0, float),
+        replay_seconds=_number(env, "UPSTREAM_REPLAY_SECONDS", 10.0, 0.0, 600.0, float),
         connect_timeout=_number(env, "DEEPGRAM_CONNECT_TIMEOUT", 10.0, 0.1, 120.0, float),
         close_timeout=_number(env, "DEEPGRAM_CLOSE_TIMEOUT", 10.0, 0.1, 120.0, float),
         keepalive_seconds=_number(env, "DEEPGRAM_KEEPALIVE_SECONDS", 4.0, 0.5, 9.0, float),
         shutdown_timeout=_number(env, "SHUTDOWN_TIMEOUT", 30.0, 0.0, 3600.0, float),
+        **_security_settings(env, host),
     )
+
+
+# --- security settings (README "Security") -------------------------------------------------
+# Error messages here never quote a secret's value: they end up on stderr and in CI logs.
+
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~-]{16,}")  # what `secrets.token_urlsafe(24)` prints
+_TOKEN_HINT = ("use at least 16 characters from A-Z a-z 0-9 . _ ~ - "
+               "(python -c 'import secrets; print(secrets.token_urlsafe(24))')")
+
+
+def _security_settings(env: Mapping[str, str], host: str) -> dict:
+    twilio_auth_token = (env.get("TWILIO_AUTH_TOKEN") or "").strip() or None
+    public_url = _public_url(env.get("PUBLIC_URL") or None)
+    if twilio_auth_token and not public_url:
+        raise ConfigError("PUBLIC_URL", "TWILIO_AUTH_TOKEN needs the public wss:// URL Twilio connects to "
+                                        "(e.g. wss://proxy.example.com) to check signatures against")
+
+    client_tokens = tuple(t.strip() for t in (env.get("CLIENT_TOKENS") or "").split(",") if t.strip())
+    for position, token in enumerate(client_tokens, 1):
+        if not _TOKEN_CHARS.fullmatch(token):
+            raise ConfigError("CLIENT_TOKENS", f"token #{position} is not usable: {_TOKEN_HINT}")
+    call_token = (env.get("CALL_TOKEN") or "").strip() or None
+    if call_token and not _TOKEN_CHARS.fullmatch(call_token):
+        raise ConfigError("CALL_TOKEN", f"not usable: {_TOKEN_HINT}")
+
+    allow_open = _flag(env, "ALLOW_OPEN_SERVER")
+    problem = security.exposure_problem(host, twilio_protected=bool(twilio_auth_token or call_token),
+                                        clients_protected=bool(client_tokens), allow_open=allow_open)
+    if problem:
+        raise ConfigError("PROXY_URL", problem)
+
+    return dict(
+        twilio_auth_token=twilio_auth_token,
+        public_url=public_url,
+        client_tokens=client_tokens,
+        call_token=call_token,
+        call_token_param=(env.get("CALL_TOKEN_PARAM") or "token").strip(),
+        allow_open_server=allow_open,
+        max_calls=_number(env, "MAX_CALLS", 500, 1, 100_000),
+        max_subscribers=_number(env, "MAX_SUBSCRIBERS", 5000, 1, 100_000),
+        max_subscribers_per_call=_number(env, "MAX_SUBSCRIBERS_PER_CALL", 10, 1, 100_000),
+        handshake_timeout=_number(env, "HANDSHAKE_TIMEOUT", 10.0, 0.1, 120.0, float),
+        ping_interval=_number(env, "PING_INTERVAL", 20.0, 0.1, 600.0, float),
+        ping_timeout=_number(env, "PING_TIMEOUT", 20.0, 0.1, 600.0, float),
+        max_subscriber_messages=_number(env, "MAX_SUBSCRIBER_MESSAGES", 100, 0, 1_000_000),
+    )
+
+
+def _public_url(value: str | None) -> str | None:
+    """PUBLIC_URL without a trailing slash; Twilio signs the wss:// form of its <Stream url>."""
+    if value is None:
+        return None
+    parts = urlsplit(value.strip())
+    if parts.scheme != "wss" or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError("PUBLIC_URL", "expected the wss:// URL Twilio connects to, without the route, query "
+                                        f"or fragment (for https://abc.ngrok.app use wss://abc.ngrok.app), got {value!r}")
+    return value.strip().rstrip("/")
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = (env.get(name) or "false").strip().lower()
+    if raw not in ("true", "false", "1", "0", "yes", "no"):
+        raise ConfigError(name, f"expected true or false, got {raw!r}")
+    return raw in ("true", "1", "yes")
 
 
 def configure_logging(level: str) -> None:

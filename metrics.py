@@ -47,6 +47,13 @@ upstream_unsent_bytes_total = Counter(
 )
 upstream_errors_total = Counter("upstream_errors", "Recogniser connections that failed", registry=REGISTRY)
 upstream_messages_total = Counter("upstream_messages", "Messages received from the recogniser", registry=REGISTRY)
+upstream_reconnects_total = Counter(
+    "upstream_reconnects", "Recogniser connections re-opened after a drop, audio replayed", registry=REGISTRY
+)
+upstream_connect_failures_total = Counter(
+    "upstream_connect_failures", "Failed attempts to open a recogniser connection, by kind", ["kind"],
+    registry=REGISTRY,
+)
 keepalives_total = Counter("keepalives", "KeepAlive messages sent to the recogniser", registry=REGISTRY)
 end_of_call_total = Counter(
     "end_of_call", "End-of-call flushes, by outcome (complete: Metadata received)", ["outcome"],
@@ -61,6 +68,14 @@ subscriber_rejections_total = Counter(
 )
 subscriber_junk_total = Counter(
     "subscriber_junk_messages", "Messages subscribers sent after subscribing (ignored)", registry=REGISTRY
+)
+auth_failures_total = Counter(
+    "auth_failures", "Connections refused for a missing or wrong credential, by route and reason",
+    ["endpoint", "reason"], registry=REGISTRY,
+)
+limit_refusals_total = Counter(
+    "limit_refusals", "Connections refused or closed for exceeding a configured limit, by limit", ["limit"],
+    registry=REGISTRY,
 )
 
 

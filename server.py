@@ -15,6 +15,7 @@ With no DEEPGRAM_API_KEY the recogniser is the embedded one: a Deepgram-compatib
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http
 import json
 import logging
@@ -23,6 +24,7 @@ import secrets
 import signal
 import ssl
 import sys
+from collections import defaultdict
 from contextlib import AsyncExitStack
 from urllib.parse import urlsplit, urlunsplit
 
@@ -31,12 +33,15 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 import metrics
+import security
 from calls import Calls
 from config import ConfigError, Settings, configure_logging, load_settings
-from hub import BadSubscription, Hub, Subscriber, parse_subscription
+from hub import EVERY_CALL, BadSubscription, Hub, Subscriber, parse_subscription
 from twilio_events import BadEvent, Connected, Media, Start, Stop, Unknown, parse_event
+from throttle import Throttle
 from upstream import DeepgramStream
 
 log = logging.getLogger("server")
@@ -44,7 +49,17 @@ log = logging.getLogger("server")
 # Close codes for /client, documented in the README.
 CLOSE_BAD_SUBSCRIPTION = 4400
 CLOSE_UNKNOWN_CALL = 4404
+CLOSE_NO_SUBSCRIPTION = 4408  # nothing subscribed within HANDSHAKE_TIMEOUT
+CLOSE_TOO_MANY_MESSAGES = 4413  # more than MAX_SUBSCRIBER_MESSAGES sent after subscribing
 CLOSE_TOO_SLOW = 4429
+CLOSE_CALL_FULL = 4503  # MAX_SUBSCRIBERS_PER_CALL reached
+# On /twilio, a `start` without the expected CALL_TOKEN: Twilio's own code for a bad stream.
+CLOSE_POLICY_VIOLATION = 1008
+
+BAD_FRAME_LOG_INTERVAL = 10.0  # seconds between warnings about one kind of bad Twilio message
+
+# A socket that sends this many messages without a `start` is not a Twilio stream.
+MAX_MESSAGES_BEFORE_START = 50
 
 
 class Proxy:
@@ -55,7 +70,9 @@ class Proxy:
         self.hub = Hub()
         self.calls = Calls(settings, self.hub, self._new_upstream)
         self.ready = True
-        self._bad_frame_logged: set[str] = set()
+        self._bad_frame_throttles: defaultdict[str, Throttle] = defaultdict(lambda: Throttle(BAD_FRAME_LOG_INTERVAL))
+        # Connections admitted per route, for MAX_CALLS / MAX_SUBSCRIBERS (see `_admit`).
+        self._admitted: dict[str, set[ServerConnection]] = {"/twilio": set(), "/client": set()}
 
     def _new_upstream(self, call_sid, on_message, on_error) -> DeepgramStream:
         s = self.settings
@@ -69,6 +86,7 @@ class Proxy:
             close_timeout=s.close_timeout,
             keepalive_seconds=s.keepalive_seconds,
             max_queued_frames=max(1, int(s.upstream_queue_seconds * 1000 / s.frame_ms)),
+            replay_frames=int(s.replay_seconds * 1000 / s.frame_ms),
         )
 
     # --- plain HTTP routes -----------------------------------------------------------------
@@ -89,6 +107,59 @@ class Proxy:
             return connection.respond(http.HTTPStatus.NOT_FOUND, "unknown path; use /twilio or /client\n")
         if path == "/twilio" and not self.ready:
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
+        refusal = self._authenticate(connection, request, path)
+        return refusal if refusal is not None else self._admit(connection, path)
+
+    # --- who may connect (README "Security"), checked before the upgrade --------------------
+
+    def _authenticate(self, connection: ServerConnection, request: Request, path: str) -> Response | None:
+        """403 for /twilio without Twilio's signature, 401 for /client without a token; else None."""
+        s = self.settings
+        if path == "/twilio" and s.twilio_auth_token:
+            url = s.public_url + request.path  # the URL Twilio signed, not what the Host header says
+            signature = security.single_header(request.headers, "X-Twilio-Signature")
+            if signature is None:
+                reason = "missing_signature"
+            elif not security.twilio_signature_valid(s.twilio_auth_token, url, signature):
+                reason = "bad_signature"
+            else:
+                return None
+            self._auth_failed(connection, path, reason, f"signed URL expected: {url}; it must be the <Stream url>")
+            return connection.respond(http.HTTPStatus.FORBIDDEN, "missing or invalid X-Twilio-Signature\n")
+        if path == "/client" and s.client_tokens:
+            token = security.presented_token(request.headers, request.path)
+            if token is None:
+                reason = "missing_token"
+            elif not security.token_valid(token, s.client_tokens):
+                reason = "bad_token"
+            else:
+                return None
+            self._auth_failed(connection, path, reason, "expected Authorization: Bearer <token> or ?token=")
+            response = connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or invalid subscriber token\n")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="transcripts"'
+            return response
+        return None
+
+    def _auth_failed(self, connection: ServerConnection, path: str, reason: str, hint: str) -> None:
+        metrics.auth_failures_total.labels(path.strip("/"), reason).inc()
+        log.warning("refused %s from %s: %s (%s)", path, _peer(connection), reason, hint)
+
+    def _admit(self, connection: ServerConnection, path: str) -> Response | None:
+        """503 when the route is at its limit (MAX_CALLS, MAX_SUBSCRIBERS); else count it in.
+
+        Counted here rather than in the handler so that a burst of handshakes cannot all pass
+        before the first one opens. A connection counts until it is closed, whether or not its
+        handshake completed.
+        """
+        admitted = self._admitted[path] = {c for c in self._admitted[path] if c.state is not State.CLOSED}
+        limit, name, label = ((self.settings.max_calls, "MAX_CALLS", "calls") if path == "/twilio"
+                              else (self.settings.max_subscribers, "MAX_SUBSCRIBERS", "subscribers"))
+        if len(admitted) >= limit:
+            metrics.limit_refusals_total.labels(label).inc()
+            log.warning("refused %s from %s: %s=%d connections already open", path, _peer(connection), name, limit)
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                      f"too many connections on {path} ({name}={limit}); try again later\n")
+        admitted.add(connection)
         return None
 
     async def handler(self, ws: ServerConnection) -> None:
@@ -101,9 +172,14 @@ class Proxy:
 
     async def handle_twilio(self, ws: ServerConnection) -> None:
         """Read one Twilio stream until `stop` or the socket closes; then leave the call."""
-        call, offset = None, 0
+        call, offset, before_start = None, 0, 0
         try:
             async for message in ws:
+                if call is None:
+                    before_start += 1
+                    if before_start > MAX_MESSAGES_BEFORE_START:
+                        await _close_draining(ws, 1008, "expected a Twilio start event")
+                        break
                 try:
                     if isinstance(message, bytes):
                         raise BadEvent("binary_frame", "Twilio sends text frames only")
@@ -121,6 +197,11 @@ class Proxy:
                     if call is not None:
                         self._bad_frame(call, BadEvent("repeated_start", "a second start on one socket"), ws)
                         continue
+                    if self.settings.call_token:
+                        if not self._call_token_valid(event, ws):
+                            await _close_draining(ws, CLOSE_POLICY_VIOLATION, "missing or invalid call token")
+                            break
+                        event = self._without_call_token(event)
                     call, offset = await self.calls.join(event, ws)
                 elif isinstance(event, Stop):
                     break
@@ -138,15 +219,30 @@ class Proxy:
             if call is not None:
                 await self.calls.leave(call, ws)
 
+    def _call_token_valid(self, start: Start, ws: ServerConnection) -> bool:
+        """CALL_TOKEN: the <Parameter> in the TwiML must carry the shared token (a second check,
+        for deployments where PUBLIC_URL cannot be pinned and signatures cannot be checked)."""
+        presented = start.customParameters.get(self.settings.call_token_param)
+        if presented is not None and security.token_valid(presented, [self.settings.call_token]):
+            return True
+        self._auth_failed(ws, "/twilio", "call_token",
+                          f"start for {start.callSid} without the <Parameter name={self.settings.call_token_param!r}>")
+        return False
+
+    def _without_call_token(self, start: Start) -> Start:
+        """The start event minus the token, so subscribers never see it in `call_started`."""
+        params = {k: v for k, v in start.customParameters.items() if k != self.settings.call_token_param}
+        return dataclasses.replace(start, customParameters=params)
+
     def _bad_frame(self, call, exc: BadEvent, ws: ServerConnection) -> None:
-        """Count and log (once per kind per process at WARNING, then DEBUG) and carry on."""
+        """Count it, log it (rate-limited per kind) and carry on with the call."""
         metrics.bad_frames_total.labels(exc.kind).inc()
         if call is not None:
             call.count(exc.kind)
-        level = logging.DEBUG if exc.kind in self._bad_frame_logged else logging.WARNING
-        self._bad_frame_logged.add(exc.kind)
-        log.log(level, "bad Twilio message (%s) from %s on call %s: %s",
-                exc.kind, _peer(ws), call.call_sid if call else "-", exc)
+        count = self._bad_frame_throttles[exc.kind].hit()
+        log.log(logging.WARNING if count else logging.DEBUG,
+                "bad Twilio message (%s) from %s on call %s: %s%s", exc.kind, _peer(ws),
+                call.call_sid if call else "-", exc, f" ({count} of this kind since the last report)" if count > 1 else "")
 
     # --- /client ---------------------------------------------------------------------------
 
@@ -156,10 +252,22 @@ class Proxy:
         try:
             await ws.send(json.dumps(self.hub.call_sids()))
             try:
-                call_sid, json_mode = parse_subscription(await ws.recv())
+                async with asyncio.timeout(self.settings.handshake_timeout):
+                    request = await ws.recv()
+            except TimeoutError:  # an idle connection must not hold a MAX_SUBSCRIBERS slot
+                metrics.limit_refusals_total.labels("subscription_timeout").inc()
+                await ws.close(CLOSE_NO_SUBSCRIPTION, f"no subscription within {self.settings.handshake_timeout:g} s")
+                return
+            try:
+                call_sid, json_mode = parse_subscription(request)
             except BadSubscription as exc:
                 metrics.subscriber_rejections_total.labels("bad_request").inc()
                 await ws.close(CLOSE_BAD_SUBSCRIPTION, str(exc))
+                return
+            limit = self.settings.max_subscribers_per_call
+            if call_sid != EVERY_CALL and self.hub.subscriber_count(call_sid) >= limit:
+                metrics.limit_refusals_total.labels("subscribers_per_call").inc()
+                await ws.close(CLOSE_CALL_FULL, f"this call has {limit} subscribers already (MAX_SUBSCRIBERS_PER_CALL)")
                 return
             sub = Subscriber(call_sid, json_mode=json_mode, max_queue=self.settings.subscriber_queue,
                              peer=_peer(ws))
@@ -199,8 +307,16 @@ class Proxy:
             sub.sent += 1
 
     async def _ignore_input(self, ws: ServerConnection) -> None:
+        """Subscribers have nothing to say after subscribing; a flood is closed, not just ignored."""
+        received = 0
         async for _ in ws:
             metrics.subscriber_junk_total.inc()
+            received += 1
+            if received > self.settings.max_subscriber_messages:
+                metrics.limit_refusals_total.labels("subscriber_messages").inc()
+                await _close_draining(ws, CLOSE_TOO_MANY_MESSAGES,
+                                      f"more than {self.settings.max_subscriber_messages} messages after subscribing")
+                return
 
     # --- shutdown --------------------------------------------------------------------------
 
@@ -214,6 +330,24 @@ class Proxy:
 def _peer(ws: ServerConnection) -> str:
     address = ws.remote_address
     return f"{address[0]}:{address[1]}" if address else "?"
+
+
+async def _close_draining(ws: ServerConnection, code: int, reason: str) -> None:
+    """Close a peer that is still sending, discarding what it sends until it closes too.
+
+    A plain `close()` from the task that stopped reading would wait the whole close timeout
+    when the incoming queue is full: reading is paused, so the peer's close frame is never read.
+    """
+    async def discard() -> None:
+        try:
+            async for _ in ws:
+                pass
+        except ConnectionClosed:
+            pass
+
+    draining = asyncio.create_task(discard())  # starts reading once close() has sent our frame
+    await ws.close(code, reason)
+    await draining
 
 
 def _server_tls(settings: Settings) -> ssl.SSLContext | None:
@@ -260,6 +394,9 @@ async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future |
             ssl=_server_tls(settings),
             max_size=settings.max_message_bytes,
             compression=None,  # audio and transcripts: deflate costs CPU per message per peer
+            open_timeout=settings.handshake_timeout,
+            ping_interval=settings.ping_interval,
+            ping_timeout=settings.ping_timeout,
         ))
         port = server.sockets[0].getsockname()[1]
         scheme = "wss" if settings.tls else "ws"
@@ -269,8 +406,7 @@ async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future |
             started.set_result((port, proxy))
         await stop.wait()
         log.info("shutting down: finishing %d calls in progress", len(proxy.calls))
-        server.server.close()  # stop accepting; open connections stay up
-        await proxy.drain()
+        await proxy.drain()  # /readyz and new /twilio upgrades answer 503 meanwhile
         server.close()
         try:
             async with asyncio.timeout(max(1.0, settings.shutdown_timeout)):
@@ -288,6 +424,8 @@ def main() -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    security.redact_logs([settings.deepgram_api_key, settings.twilio_auth_token, settings.call_token,
+                          *settings.client_tokens])
 
     async def serve_until_signal() -> None:
         stop = asyncio.Event()
