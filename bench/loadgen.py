@@ -1,0 +1,305 @@
+"""The benchmark's load generator: Twilio calls (one process) and subscribers (another).
+
+    python bench/loadgen.py twilio CONFIG.json     # N calls, both legs, 20 ms frames
+    python bench/loadgen.py subs CONFIG.json       # S raw-mode subscribers per call
+
+Both speak a line protocol with the orchestrator (bench.py) on stdin/stdout:
+  twilio: connects every call and sends `connected` + `start` (with `simulate.TwilioStream`),
+          prints READY, waits for a GO line, prints `T0 <monotonic>`, plays the media, sends
+          `stop`, closes, writes its results (pickle) and prints DONE.
+  subs:   connects and subscribes (the calls must be in progress), prints READY, records every
+          message's arrival until the calls end (or --deadline), writes results, prints DONE.
+
+Why not `simulate.run_calls()`: at 200+ calls one Python process cannot afford a task wake-up,
+a `json.dumps`, a base64 encode and a `ws.send()` per 20 ms frame per leg while sharing two
+cores with the server it measures. Here one scheduler task sends every call's due frames; each
+message's text is a template with the numbers filled in (byte-for-byte the shape
+`TwilioStream.media()` produces, checked at start-up) and is framed by hand as a masked client
+text frame, written with one `transport.write()` per call per 20 ms tick (inbound + outbound,
+as Twilio emits both tracks of a tick together). The server receives exactly what a real
+client would send. `sent_at` is `time.monotonic()` just before each write.
+
+Call `i`'s inbound audio starts with `b"%08d" % i`: the Deepgram side finds its call by that.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from websockets.asyncio.client import connect  # noqa: E402
+from websockets.exceptions import ConnectionClosed  # noqa: E402
+
+from simulate import TwilioStream  # noqa: E402
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover
+    from websockets.utils import apply_mask
+
+FRAME_MS = 20
+CHUNK_BYTES = 160  # 20 ms of 8 kHz mu-law
+CONNECT_CONCURRENCY = 32
+
+
+def payloads(index: int) -> tuple[bytes, bytes]:
+    """Per-call constant audio: inbound starts with the call's index, outbound differs."""
+    tag = b"%08d" % index
+    inbound = (tag + bytes((index * 7 + k * 13) % 256 for k in range(CHUNK_BYTES)))[:CHUNK_BYTES]
+    outbound = bytes((index * 11 + k * 5 + 1) % 256 for k in range(CHUNK_BYTES))
+    return inbound, outbound
+
+
+def digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
+
+
+class CallSender:
+    """One call: its socket, its stream builder and its message templates."""
+
+    __slots__ = ("index", "ws", "stream", "mask", "tmpl", "sent_at", "seq", "offset_s", "transport",
+                 "start_tick")
+
+    def __init__(self, index: int, call_sid: str, ticks: int, offset_s: float):
+        self.index = index
+        self.ws = None
+        self.transport = None
+        self.stream = TwilioStream(call_sid=call_sid, tracks=["inbound", "outbound"])
+        self.mask = os.urandom(4)
+        self.sent_at = array.array("d")
+        self.seq = 0
+        self.offset_s = offset_s  # phase within the 20 ms tick
+        self.start_tick = 0  # global tick at which this call's audio starts
+        inbound, outbound = payloads(index)
+        self.tmpl = {}
+        for track, audio in (("inbound", inbound), ("outbound", outbound)):
+            b64 = base64.b64encode(audio).decode("ascii")
+            self.tmpl[track] = (
+                '{"event":"media","sequenceNumber":"%d","streamSid":"' + self.stream.stream_sid
+                + '","media":{"track":"' + track + '","chunk":"%d","timestamp":"%d","payload":"'
+                + b64 + '"}}'
+            )
+
+    def check_template(self) -> None:
+        """The hand-made text must equal what TwilioStream.media() builds."""
+        probe = TwilioStream(stream_sid=self.stream.stream_sid, tracks=["inbound", "outbound"])
+        probe.sequence = 41
+        inbound, _ = payloads(self.index)
+        want = probe.media("inbound", 60, inbound, chunk=4)
+        got = self.tmpl["inbound"] % (42, 4, 60)
+        if want != got:
+            raise SystemExit(f"loadgen: template differs from TwilioStream.media():\n{got}\n{want}")
+
+    def frame(self, text: str) -> bytes:
+        data = text.encode()
+        n = len(data)
+        if n < 126:
+            head = bytes((0x81, 0x80 | n))
+        elif n < 65536:
+            head = bytes((0x81, 0xFE)) + n.to_bytes(2, "big")
+        else:
+            head = bytes((0x81, 0xFF)) + n.to_bytes(8, "big")
+        return head + self.mask + apply_mask(data, self.mask)
+
+    def tick_bytes(self, k: int) -> bytes:
+        """Both legs' media messages for tick k (timestamp 20 k ms, chunk k + 1)."""
+        ts = k * FRAME_MS
+        seq = self.stream.sequence
+        a = self.tmpl["inbound"] % (seq + 1, k + 1, ts)
+        b = self.tmpl["outbound"] % (seq + 2, k + 1, ts)
+        self.stream.sequence = seq + 2
+        return self.frame(a) + self.frame(b)
+
+
+async def _open(url: str, sem: asyncio.Semaphore):
+    async with sem:
+        for attempt in range(5):
+            try:
+                return await connect(url, compression=None, open_timeout=30, close_timeout=10,
+                                     max_queue=None)
+            except OSError:
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+
+async def _drain_incoming(ws) -> None:
+    try:
+        async for _ in ws:
+            pass
+    except ConnectionClosed:
+        pass
+
+
+async def run_twilio(cfg: dict) -> None:
+    url, sids, ticks, pace = cfg["url"], cfg["call_sids"], cfg["ticks"], cfg["pace"]
+    n = len(sids)
+    spread = cfg.get("spread", True)
+    # Call i starts at phase i/N of the 20 ms tick (real calls are not in step), plus a whole
+    # number of ticks spreading the starts over one second: otherwise every call's transcript
+    # windows would end in the same 20 ms and the subscribers would see bursts no real call mix
+    # produces. `align_results` keeps all starts within one tick.
+    def phase(i: int) -> float:
+        return i * FRAME_MS / n / 1000 if spread else 0.0
+
+    def start_tick(i: int) -> int:
+        return 0 if cfg.get("align_results") or not spread else (i * 17) % 50
+
+    calls = [CallSender(i, sid, ticks, phase(i)) for i, sid in enumerate(sids)]
+    for c in calls:
+        c.start_tick = start_tick(c.index)
+    calls[0].check_template()
+    sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+    async def open_call(c: CallSender) -> None:
+        c.ws = await _open(url, sem)
+        c.transport = c.ws.transport
+        await c.ws.send(c.stream.connected())
+        await c.ws.send(c.stream.start())
+
+    await asyncio.gather(*(open_call(c) for c in calls))
+    readers = [asyncio.create_task(_drain_incoming(c.ws)) for c in calls]
+    print("READY", flush=True)
+    loop = asyncio.get_running_loop()
+    line = await loop.run_in_executor(None, sys.stdin.readline)
+    if not line.startswith("GO"):
+        raise SystemExit("loadgen: expected GO")
+    t0 = time.monotonic() + 0.05
+    print(f"T0 {t0!r}", flush=True)
+    lag = array.array("d")  # how late each write went out vs its schedule (load-generator health)
+
+    if pace == "realtime":
+        # One scheduler for every call: wake at the next due time, write what is due.
+        order = sorted(calls, key=lambda c: c.offset_s)
+        period = FRAME_MS / 1000
+        last_tick = max(c.start_tick for c in calls) + ticks
+        for g in range(last_tick):
+            base = t0 + g * period
+            for c in order:
+                k = g - c.start_tick
+                if not 0 <= k < ticks:
+                    continue
+                due = base + c.offset_s
+                now = time.monotonic()
+                if due - now > 0.0005:
+                    await asyncio.sleep(due - now)
+                    now = time.monotonic()
+                if c.transport.is_closing():
+                    c.sent_at.append(float("nan"))
+                    continue
+                data = c.tick_bytes(k)
+                c.sent_at.append(now)
+                lag.append(now - due)
+                c.transport.write(data)
+    else:  # fast: every call as fast as the server reads, bounded by the socket's flow control
+        batch = cfg.get("batch_ticks", 10)
+
+        async def blast(c: CallSender) -> None:
+            for k0 in range(0, ticks, batch):
+                now = time.monotonic()
+                parts = []
+                for k in range(k0, min(ticks, k0 + batch)):
+                    parts.append(c.tick_bytes(k))
+                    c.sent_at.append(now)
+                if c.transport.is_closing():
+                    return
+                c.transport.write(b"".join(parts))
+                await c.ws.drain()
+                await asyncio.sleep(0)
+
+        await asyncio.gather(*(blast(c) for c in calls))
+    t_media_end = time.monotonic()
+    print(f"SENT {t_media_end!r}", flush=True)
+
+    async def finish(c: CallSender) -> None:
+        try:
+            await c.ws.send(c.stream.stop())
+            await c.ws.close()
+        except ConnectionClosed:
+            pass
+
+    await asyncio.gather(*(finish(c) for c in calls))
+    await asyncio.gather(*readers)
+    result = {
+        "t0": t0,
+        "t_media_end": t_media_end,
+        "t_closed": time.monotonic(),
+        "sent_at": {c.index: c.sent_at for c in calls},
+        "lag": lag,
+        "cpu": time.process_time(),
+    }
+    with open(cfg["out"], "wb") as f:
+        pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
+    print("DONE", flush=True)
+
+
+async def run_subs(cfg: dict) -> None:
+    url, sids = cfg["url"], cfg["call_sids"]
+    per_call, stalled_per_call = cfg["per_call"], cfg.get("stalled_per_call", 0)
+    deadline = cfg.get("deadline", 600.0)
+    sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    healthy: list[tuple[int, object]] = []
+    stalled: list[object] = []
+
+    async def subscribe(index: int, sid: str, stall: bool) -> None:
+        ws = await _open(url, sem)
+        greeting = json.loads(await ws.recv())
+        if sid not in greeting:
+            raise SystemExit(f"subs: call {sid} not in progress")
+        await ws.send(sid)
+        if stall:
+            ws.transport.pause_reading()  # never read again: the kernel buffers fill, then the proxy's
+            stalled.append(ws)
+        else:
+            healthy.append((index, ws))
+
+    await asyncio.gather(*(subscribe(i, sid, stall)
+                           for i, sid in enumerate(sids)
+                           for stall in [False] * per_call + [True] * stalled_per_call))
+    print("READY", flush=True)
+    records: list[tuple[int, array.array, list[bytes], int | None]] = []
+
+    async def listen(index: int, ws) -> None:
+        times, keys = array.array("d"), []
+        try:
+            async for message in ws:
+                times.append(time.monotonic())
+                keys.append(digest(message) if isinstance(message, str) else b"")
+        except ConnectionClosed:
+            pass
+        records.append((index, times, keys, ws.close_code))
+
+    tasks = [asyncio.create_task(listen(i, ws)) for i, ws in healthy]
+    done, pending = await asyncio.wait(tasks, timeout=deadline) if tasks else (set(), set())
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    stalled_codes = []
+    for ws in stalled:
+        stalled_codes.append(ws.close_code)
+        ws.transport.abort()
+    with open(cfg["out"], "wb") as f:
+        pickle.dump({"records": records, "stalled_codes": stalled_codes, "cpu": time.process_time()},
+                    f, protocol=pickle.HIGHEST_PROTOCOL)
+    print("DONE", flush=True)
+
+
+def main() -> None:
+    role, path = sys.argv[1], sys.argv[2]
+    cfg = json.loads(Path(path).read_text())
+    asyncio.run(run_twilio(cfg) if role == "twilio" else run_subs(cfg))
+
+
+if __name__ == "__main__":
+    main()
