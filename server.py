@@ -178,7 +178,7 @@ class Proxy:
                 if call is None:
                     before_start += 1
                     if before_start > MAX_MESSAGES_BEFORE_START:
-                        await _close_draining(ws, 1008, "expected a Twilio start event")
+                        await _close_draining(ws, CLOSE_POLICY_VIOLATION, "expected a Twilio start event")
                         break
                 try:
                     if isinstance(message, bytes):

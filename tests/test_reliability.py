@@ -10,13 +10,14 @@ import socket
 import time
 import zlib
 
+import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 
 from conftest import Listener, expected_channels, wait_for
 from local_stt import DeterministicEngine, Faults, parse_deterministic
 from simulate import CallOptions, TwilioStream, run_call
-from test_integration import metric_values, until_closed
+from test_integration import _http_get, metric_values, until_closed
 
 HALF_SECOND_WINDOWS = functools.partial(DeterministicEngine, window=0.5)
 
@@ -64,45 +65,31 @@ def assert_finals_cover_the_call_exactly_once(messages: list[str], legs: tuple[b
         assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), f"gap or duplicate in {spans}"
 
 
-async def test_deepgram_dropping_mid_call_is_reconnected_without_losing_or_duplicating_results(stacks):
-    stack = await stacks(engine_factory=HALF_SECOND_WINDOWS, faults=Faults(drop_after=1.2))
-    before = await metric_values(stack.port)
-    inbound, outbound = leg_audio(1, 4.0), leg_audio(2, 4.0)
-    stream = TwilioStream(tracks=["inbound", "outbound"])
-    listener = await stream_call(stack, stream, inbound, outbound, speed=1.0, listener_subscription=stream.call_sid)
-    await listener.finished(timeout=30)
-
-    assert len(stack.stt.connections) >= 3  # each connection is cut after 1.2 s
-    assert json.loads(listener.messages[-1])["type"] == "Metadata" and listener.close_code == 1000
-    assert_finals_cover_the_call_exactly_once(listener.messages, (inbound, outbound))
-    after = await metric_values(stack.port)
-    assert after["upstream_reconnects_total"] - before["upstream_reconnects_total"] == len(stack.stt.connections) - 1
-
-
 def uneven_windows(channel, emit, *, interim_results):
     """Channel 0 finalises every 0.5 s, channel 1 every 1 s: at a drop, channel 0 is ahead, so
     the replay re-transcribes audio channel 0 already delivered, which must not come twice."""
     return DeterministicEngine(channel, emit, interim_results=interim_results, window=0.5 if channel == 0 else 1.0)
 
 
-async def test_results_replayed_across_a_seam_are_not_delivered_twice(stacks):
-    stack = await stacks(engine_factory=uneven_windows, faults=Faults(drop_after=1.7))
-    inbound, outbound = leg_audio(12, 4.0), leg_audio(13, 4.0)
+@pytest.mark.parametrize("engine, faults", [
+    pytest.param(HALF_SECOND_WINDOWS, Faults(drop_after=1.2), id="closed-1011-every-1.2s"),
+    pytest.param(HALF_SECOND_WINDOWS, Faults(drop_after=1.2, drop_abort=True), id="tcp-reset-every-1.2s"),
+    pytest.param(uneven_windows, Faults(drop_after=1.7), id="seam-inside-delivered-finals"),
+])
+async def test_deepgram_dropping_mid_call_is_reconnected_without_losing_or_duplicating_results(
+        stacks, engine, faults):
+    stack = await stacks(engine_factory=engine, faults=faults)
+    before = await metric_values(stack.port)
+    inbound, outbound = leg_audio(1, 4.0), leg_audio(2, 4.0)
     stream = TwilioStream(tracks=["inbound", "outbound"])
     listener = await stream_call(stack, stream, inbound, outbound, speed=1.0, listener_subscription=stream.call_sid)
     await listener.finished(timeout=30)
-    assert len(stack.stt.connections) >= 2
-    assert_finals_cover_the_call_exactly_once(listener.messages, (inbound, outbound))
 
-
-async def test_a_connection_reset_without_close_frame_is_survived_too(stacks):
-    stack = await stacks(engine_factory=HALF_SECOND_WINDOWS, faults=Faults(drop_after=1.2, drop_abort=True))
-    inbound, outbound = leg_audio(3, 3.0), leg_audio(4, 3.0)
-    stream = TwilioStream(tracks=["inbound", "outbound"])
-    listener = await stream_call(stack, stream, inbound, outbound, speed=1.0, listener_subscription=stream.call_sid)
-    await listener.finished(timeout=30)
-    assert len(stack.stt.connections) >= 2
+    assert len(stack.stt.connections) >= 2  # the connection was cut at least once
+    assert json.loads(listener.messages[-1])["type"] == "Metadata" and listener.close_code == 1000
     assert_finals_cover_the_call_exactly_once(listener.messages, (inbound, outbound))
+    after = await metric_values(stack.port)
+    assert after["upstream_reconnects_total"] - before["upstream_reconnects_total"] == len(stack.stt.connections) - 1
 
 
 async def test_deepgram_unavailable_at_call_start_is_retried_while_audio_waits(stacks):
@@ -241,8 +228,6 @@ async def test_subscribers_that_leave_come_back_or_send_junk_do_not_disturb_the_
 
 
 async def test_readyz_says_not_ready_while_calls_finish_on_shutdown(stacks):
-    from conftest import start_proxy
-
     stack = await stacks(faults=Faults(delay=1.5))  # Deepgram's last messages come slowly
     stream = TwilioStream(tracks=["inbound"])
     twilio = await connect(stack.url("/twilio"))
@@ -253,8 +238,6 @@ async def test_readyz_says_not_ready_while_calls_finish_on_shutdown(stacks):
     proxy = stack.proxy
     proxy_task = asyncio.create_task(proxy.drain())  # what SIGTERM starts
     await wait_for(lambda: not proxy.ready, what="not ready")
-    from test_integration import _http_get
-
     try:
         await asyncio.to_thread(_http_get, stack.port, "/readyz")
     except Exception as exc:  # urllib raises HTTPError for 503
@@ -264,4 +247,3 @@ async def test_readyz_says_not_ready_while_calls_finish_on_shutdown(stacks):
     await proxy_task
     assert not proxy.hub.has_call(stream.call_sid)
     assert json.loads(stack.stt.connections[-1].sent[-1][1])["type"] == "Metadata"
-    del start_proxy
