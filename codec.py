@@ -10,13 +10,9 @@ The proxy itself never decodes audio: Twilio's mu-law goes to Deepgram as it cam
 
 from __future__ import annotations
 
-import io
-import wave
 from dataclasses import dataclass
 
 import numpy as np
-
-MULAW_SILENCE = 0xFF
 
 
 def _build_decode_table() -> np.ndarray:
@@ -128,17 +124,6 @@ def read_wav(data: bytes) -> Wav:
     usable = len(samples) // channels * channels
     frames = samples[:usable].reshape(-1, channels)
     return Wav(rate=rate, channels=[frames[:, c].copy() for c in range(channels)])
-
-
-def write_wav_pcm16(samples: np.ndarray, rate: int) -> bytes:
-    """Mono PCM16 WAV bytes (for fixtures and debugging)."""
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(samples.astype("<i2").tobytes())
-    return out.getvalue()
 
 
 def wav_to_mulaw_8k(data: bytes) -> list[bytes]:

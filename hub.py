@@ -56,7 +56,6 @@ class Subscriber:
         self.peer = peer
         self.max_queue = max_queue
         self.dropped = False  # fell behind past max_queue
-        self.sent = 0
         self._outbox: deque[str | None] = deque()
         self._ready = asyncio.Event()
         self.dropped_event = asyncio.Event()  # lets the connection close at once, even mid-send

@@ -304,7 +304,6 @@ class Proxy:
     async def _write_outbox(self, ws: ServerConnection, sub: Subscriber) -> None:
         while (message := await sub.next()) is not None:
             await ws.send(message)
-            sub.sent += 1
 
     async def _ignore_input(self, ws: ServerConnection) -> None:
         """Subscribers have nothing to say after subscribing; a flood is closed, not just ignored."""

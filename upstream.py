@@ -163,15 +163,18 @@ class DeepgramStream:
             return
         self._closing = True
         self._wakeup.set()
-        backlog = sum(len(f) for _, f in self._outbox) / 2 / BYTES_PER_SECOND
         try:
-            async with asyncio.timeout(self.close_timeout + backlog / REPLAY_SPEED):
+            async with asyncio.timeout(self.close_timeout + self._backlog_seconds() / REPLAY_SPEED):
                 await asyncio.shield(self._task)
         except TimeoutError:
             self.stats.timed_out = True
             self._fail("timed out waiting for Deepgram's last results after CloseStream", logging.WARNING)
         finally:
             await self.abort()
+
+    def _backlog_seconds(self) -> float:
+        """Seconds of call audio waiting to be sent (stereo frames: 2 bytes per sample instant)."""
+        return sum(len(f) for _, f in self._outbox) / 2 / BYTES_PER_SECOND
 
     async def abort(self) -> None:
         """Stop now (shutdown, or after finish()); whatever was not sent is counted."""
@@ -249,7 +252,7 @@ class DeepgramStream:
         self._map_conn, self._map_call = [0], [first]
         self._conn_bytes = 0
         self._verbatim = first == 0 and self.stats.connections == 1
-        backlog = sum(len(f) for _, f in self._outbox) / 2 / BYTES_PER_SECOND
+        backlog = self._backlog_seconds()
         if self.stats.connections > 1:
             log.warning("call %s: reconnected to Deepgram; sending %.1f s of audio again from %.1f s",
                         self.label, backlog, first / BYTES_PER_SECOND)
