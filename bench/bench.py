@@ -67,11 +67,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def proc_cpu(pid: int) -> float:
-    """utime + stime of one process, in seconds (children not included)."""
+def proc_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of one process, in seconds (children not included)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def proc_cpu(pid: int) -> float:
+    """utime + stime of one process, in seconds."""
+    return sum(proc_times(pid))
 
 
 def proc_rss(pid: int) -> int:
@@ -173,7 +178,7 @@ def scrape(port: int) -> dict[str, float]:
 
 @dataclass
 class RunSpec:
-    target: str  # "proxy" or "floor"
+    target: str  # "proxy", "baseline" (the proxy at --baseline REF) or "floor"
     n: int
     seconds: float  # audio per call
     pace: str = "realtime"  # or "fast"
@@ -191,6 +196,7 @@ class RunResult:
     spec: RunSpec
     frames: int = 0  # Twilio media frames in the CPU window
     cpu_s: float = 0.0  # server CPU seconds in the window
+    sys_s: float = 0.0  # of which in the kernel (stime)
     window_s: float = 0.0
     loadgen_cpu_s: float = 0.0
     fake_cpu_s: float = 0.0
@@ -224,6 +230,18 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
         self.run_no = 0
         self.py_spy = "py-spy"
+        self.baseline_root = self._checkout(args.baseline) if args.baseline else None
+
+    def _checkout(self, ref: str) -> Path:
+        """The proxy's files at a git ref, for before/after runs in the same invocation."""
+        out = self.tmp / "baseline"
+        out.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", ref], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        self.baseline_label = f"{ref} ({commit})"
+        return out
 
     def log(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -266,13 +284,14 @@ class Bench:
     def _run(self, spec: RunSpec, res: RunResult, d: Path, procs: list[Proc]) -> None:
         port = free_port()
         fake = None
-        if spec.target == "proxy":
+        if spec.target in ("proxy", "baseline"):
             fake = Proc("fake-deepgram", [PY, str(HERE / "fake_deepgram.py"), "--port", "0",
                                           "--api-key", API_KEY, "--window-ms", str(self.args.window_ms),
                                           "--dump", str(d / "fake.pickle")], log=d / "fake.log")
             procs.append(fake)
             fake_port = int(fake.expect("READY", 20).split()[1])
-            server = Proc("server", [PY, str(ROOT / "server.py")], env=self.server_env(port, fake_port),
+            root = ROOT if spec.target == "proxy" else self.baseline_root
+            server = Proc(spec.target, [PY, str(root / "server.py")], env=self.server_env(port, fake_port),
                           cwd=str(d), log=d / "server.log")
         else:
             server = Proc("floor", [PY, str(HERE / "floor_server.py"), "--port", str(port)],
@@ -306,13 +325,14 @@ class Bench:
         threading.Thread(target=sampler, daemon=True).start()
         lg_cpu = fk_cpu = sb_cpu = 0.0
         lat_parts, lat_t_parts, sub_parts, sub_t_parts = [], [], [], []
-        frames_total = cpu_total = window_total = 0.0
+        frames_total = cpu_total = sys_total = window_total = 0.0
         lags = []
         for wave in range(spec.waves):
             current_wave[0] = wave
             w = self._wave(spec, res, d / f"w{wave}", port, server, procs)
             frames_total += w["frames"]
             cpu_total += w["cpu"]
+            sys_total += w["sys"]
             window_total += w["window"]
             lg_cpu += w["lg_cpu"]
             sb_cpu += w["sb_cpu"]
@@ -322,7 +342,7 @@ class Bench:
                 self._settle(port)
                 res.metrics.append((time.monotonic(), f"after wave {wave + 1}", scrape(port)))
         stop_sampler.set()
-        res.frames, res.cpu_s, res.window_s = int(frames_total), cpu_total, window_total
+        res.frames, res.cpu_s, res.sys_s, res.window_s = int(frames_total), cpu_total, sys_total, window_total
         res.loadgen_cpu_s, res.subs_cpu_s = lg_cpu, sb_cpu
         res.lag_p99 = max(lags)
         res.rss_peak = max((rss for _, _, rss in samples), default=res.rss_idle)
@@ -362,7 +382,7 @@ class Bench:
         procs.append(tw)
         tw.expect("READY", 60 + spec.n * 0.2)
         subs = None
-        if spec.target == "proxy" and (spec.subs or spec.stalled):
+        if spec.target != "floor" and (spec.subs or spec.stalled):
             scfg = {"url": f"ws://127.0.0.1:{port}/client", "call_sids": sids, "per_call": spec.subs,
                     "stalled_per_call": spec.stalled, "out": str(d / "subs.pickle"),
                     "deadline": spec.seconds * (1 if spec.pace == "realtime" else 10) + 120}
@@ -372,21 +392,21 @@ class Bench:
             procs.append(subs)
             subs.expect("READY", 60 + spec.n * (spec.subs + spec.stalled) * 0.05)
         if spec.pace != "realtime":  # fast: from GO until every call has closed
-            w0, c0 = time.monotonic(), proc_cpu(server.pid)
+            w0, c0 = time.monotonic(), proc_times(server.pid)
         tw.tell("GO")
         t0 = float(tw.expect("T0", 10).split()[1])
         if spec.pace == "realtime":
             w0 = t0 + min(spec.warmup, spec.seconds / 4) + 1.0  # every call has started
             w1 = t0 + spec.seconds - 0.5
             time.sleep(max(0.0, w0 - time.monotonic()))
-            c0 = proc_cpu(server.pid)
+            c0 = proc_times(server.pid)
             if spec.profile:
                 spy = subprocess.Popen([self.py_spy, "record", "--pid", str(server.pid), "--rate", "250",
                                         "--duration", str(int(t0 + spec.seconds - 1 - time.monotonic())),
                                         "--format", "raw", "--output", spec.profile, "--nonblocking"],
                                        stdout=subprocess.DEVNULL, stderr=open(d / "py-spy.log", "wb"))
             time.sleep(max(0.0, w1 - time.monotonic()))
-            c1 = proc_cpu(server.pid)
+            c1 = proc_times(server.pid)
             timeout = 60 + spec.seconds
         else:  # the server has read everything once every call's close handshake is done
             timeout = 120 + spec.n * spec.seconds
@@ -395,7 +415,7 @@ class Bench:
             spy.wait(30)
         tw.expect("DONE", 60)
         if spec.pace != "realtime":
-            w1, c1 = time.monotonic(), proc_cpu(server.pid)
+            w1, c1 = time.monotonic(), proc_times(server.pid)
         with open(d / "twilio.pickle", "rb") as f:
             twr = pickle.load(f)
         lg_cpu = twr["cpu"]
@@ -415,7 +435,7 @@ class Bench:
             sb_cpu = sb["cpu"]
             subs.stop()
         tw.stop()
-        return {"frames": frames, "cpu": c1 - c0, "window": w1 - w0, "lg_cpu": lg_cpu, "sb_cpu": sb_cpu,
+        return {"frames": frames, "cpu": sum(c1) - sum(c0), "sys": c1[1] - c0[1], "window": w1 - w0, "lg_cpu": lg_cpu, "sb_cpu": sb_cpu,
                 "lag_p99": float(np.percentile(lag, 99)), "t0": t0, "sent_at": sent_at, "subs": sb,
                 "warm_from": t0 + min(spec.warmup, spec.seconds / 4) + 1.0}
 
@@ -542,30 +562,37 @@ class Report:
 def run_row(r: RunResult) -> list[str]:
     s = r.spec
     return [s.target, s.pace, str(s.n), f"{r.frames}", fmt(r.cpu_s, 2), fmt(r.server_cores, 2),
-            fmt(r.us_per_frame, 1), fmt(r.lag_p99 * 1000, 1)]
+            fmt(r.us_per_frame, 1), fmt(100 * r.sys_s / r.cpu_s if r.cpu_s else float("nan"), 0),
+            fmt(r.lag_p99 * 1000, 1)]
 
 
 # --- scenarios ---------------------------------------------------------------------------------
 
 
 def scenario_ratio(b: Bench, rep: Report, pace: str, n: int, seconds: float, pairs: int) -> None:
-    runs: dict[str, list[RunResult]] = {"floor": [], "proxy": []}
+    targets = ("floor", "baseline", "proxy") if b.baseline_root else ("floor", "proxy")
+    runs: dict[str, list[RunResult]] = {t: [] for t in targets}
     rows = []
     for _ in range(pairs):
-        for target in ("floor", "proxy"):
-            r = b.run(RunSpec(target, n, seconds, pace=pace, subs=b.args.subs if target == "proxy" else 0,
+        for target in targets:
+            r = b.run(RunSpec(target, n, seconds, pace=pace, subs=b.args.subs if target != "floor" else 0,
                               label=f"ratio {pace}"))
             runs[target].append(r)
             rows.append(run_row(r))
-    floor = statistics.median(r.us_per_frame for r in runs["floor"])
-    proxy = statistics.median(r.us_per_frame for r in runs["proxy"])
+    median = {t: statistics.median(r.us_per_frame for r in runs[t]) for t in targets}
+    floor, proxy = median["floor"], median["proxy"]
     ratio = proxy / floor
     rep.add(f"### CPU per Twilio media frame, {pace} pace, N = {n} "
             f"({'call starts spread over the 20 ms tick' if pace == 'realtime' else 'as fast as the server reads'}; "
-            f"proxy with S = {b.args.subs} subscriber per call; alternating floor/proxy)", "")
-    rep.table(["server", "pace", "N", "media frames", "CPU s", "cores", "µs/frame", "loadgen lag p99 ms"], rows)
+            f"proxy with S = {b.args.subs} subscriber per call; alternating {'/'.join(targets)})", "")
+    rep.table(["server", "pace", "N", "media frames", "CPU s", "cores", "µs/frame", "% kernel",
+               "loadgen lag p99 ms"], rows)
     rep.add(f"median: floor {floor:.1f} µs/frame, proxy {proxy:.1f} µs/frame, **ratio {ratio:.2f}×**", "")
-    rep.data[f"ratio_{pace}"] = {"floor_us": floor, "proxy_us": proxy, "ratio": ratio,
+    if b.baseline_root:
+        base = median["baseline"]
+        rep.add(f"baseline {b.baseline_label}: {base:.1f} µs/frame, ratio {base / floor:.2f}× the floor; "
+                f"**proxy / baseline {proxy / base:.2f}**", "")
+    rep.data[f"ratio_{pace}"] = {"median_us": median, "ratio": ratio,
                                  "runs": [[r.spec.target, r.us_per_frame] for v in runs.values() for r in v]}
     if pace == "realtime":
         rep.target(f"CPU per media frame ≤ 1.25× floor (N = {n}, real time)", f"{ratio:.2f}×", ratio <= 1.25)
@@ -619,6 +646,10 @@ def scenario_latency(b: Bench, rep: Report, ns: list[int], seconds: float, long_
 
 
 def scenario_fanout(b: Bench, rep: Report, n: int, s: int, seconds: float) -> None:
+    if b.baseline_root:
+        base = b.run(RunSpec("baseline", n, seconds, subs=s, label="fan-out"))
+        rep.add(f"### Subscriber fan-out, baseline {b.baseline_label}: N = {n}, S = {s}", "")
+        rep.table(LAT_HEADER, [latency_rows(base)])
     r = b.run(RunSpec("proxy", n, seconds, subs=s, label="fan-out"))
     rep.add(f"### Subscriber fan-out: N = {n}, S = {s} raw-mode subscribers per call, real time", "")
     rep.table(LAT_HEADER, [latency_rows(r)])
@@ -803,6 +834,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "transcript messages of different calls are not in step)")
     p.add_argument("--log-level", default="WARNING", help="server LOG_LEVEL (default WARNING)")
     p.add_argument("--profile", type=Path, help="also profile the proxy (py-spy) at N=--n; collapsed stacks here")
+    p.add_argument("--baseline", metavar="GIT_REF",
+                   help="also run the proxy as of this git ref (e.g. HEAD, for uncommitted changes), alternating "
+                        "with the working tree in the ratio and fan-out scenarios: before/after in one run")
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, raw timings)")
     a = p.parse_args(argv)

@@ -5,8 +5,8 @@
 
 Both speak a line protocol with the orchestrator (bench.py) on stdin/stdout:
   twilio: connects every call and sends `connected` + `start` (with `simulate.TwilioStream`),
-          prints READY, waits for a GO line, prints `T0 <monotonic>`, plays the media, sends
-          `stop`, closes, writes its results (pickle) and prints DONE.
+          prints READY, waits for a GO line, prints `T0 <monotonic>`, plays the media (each
+          call sends `stop` and closes right after its own last chunk), writes its results (pickle) and prints DONE.
   subs:   connects and subscribes (the calls must be in progress), prints READY, records every
           message's arrival until the calls end (or --deadline), writes results, prints DONE.
 
@@ -179,6 +179,15 @@ async def run_twilio(cfg: dict) -> None:
     print(f"T0 {t0!r}", flush=True)
     lag = array.array("d")  # how late each write went out vs its schedule (load-generator health)
 
+    async def finish(c: CallSender) -> None:
+        """`stop` and close as soon as the call's own audio is over, as Twilio does at hang-up."""
+        try:
+            await c.ws.send(c.stream.stop())
+            await c.ws.close()
+        except ConnectionClosed:
+            pass
+
+    finishing = []
     if pace == "realtime":
         # One scheduler for every call: wake at the next due time, write what is due.
         order = sorted(calls, key=lambda c: c.offset_s)
@@ -202,6 +211,8 @@ async def run_twilio(cfg: dict) -> None:
                 c.sent_at.append(now)
                 lag.append(now - due)
                 c.transport.write(data)
+                if k == ticks - 1:
+                    finishing.append(asyncio.create_task(finish(c)))
     else:  # fast: every call as fast as the server reads, bounded by the socket's flow control
         batch = cfg.get("batch_ticks", 10)
 
@@ -217,19 +228,13 @@ async def run_twilio(cfg: dict) -> None:
                 c.transport.write(b"".join(parts))
                 await c.ws.drain()
                 await asyncio.sleep(0)
+            await finish(c)
 
-        await asyncio.gather(*(blast(c) for c in calls))
+        finishing = [asyncio.create_task(blast(c)) for c in calls]
+        await asyncio.gather(*finishing)
     t_media_end = time.monotonic()
     print(f"SENT {t_media_end!r}", flush=True)
-
-    async def finish(c: CallSender) -> None:
-        try:
-            await c.ws.send(c.stream.stop())
-            await c.ws.close()
-        except ConnectionClosed:
-            pass
-
-    await asyncio.gather(*(finish(c) for c in calls))
+    await asyncio.gather(*finishing)
     await asyncio.gather(*readers)
     result = {
         "t0": t0,
