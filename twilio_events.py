@@ -11,8 +11,9 @@ and integers, because being strict about that would drop audio for no gain.
 from __future__ import annotations
 
 import binascii
-import json
 from dataclasses import dataclass, field
+
+import orjson
 
 TRACKS = ("inbound", "outbound")
 
@@ -52,7 +53,7 @@ class Start:
     mediaFormat: MediaFormat | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one is built per 20 ms chunk per leg, and frozen __init__ costs 4x
 class Media:
     sequenceNumber: int
     streamSid: str
@@ -208,8 +209,8 @@ def _parse_dtmf(message: dict) -> Dtmf:
 def parse_event(text: str | bytes) -> Event:
     """Parse one Twilio websocket message. Raises `BadEvent` for anything unusable."""
     try:
-        message = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+        message = orjson.loads(text)  # about 3x faster than json.loads on a media message
+    except ValueError as exc:  # orjson.JSONDecodeError, including text that is not UTF-8
         raise BadEvent("malformed_json", f"not JSON: {exc}") from None
     if not isinstance(message, dict):
         raise BadEvent("not_object", "a Twilio message must be a JSON object")
