@@ -106,6 +106,7 @@ class StereoMixer:
         self.max_gap = max_gap_ms * BYTES_PER_MS
         lag = max_lag_ms * BYTES_PER_MS
         self._legs = {t: _Leg(lag if t in tracks else 0) for t in TRACKS}
+        self._inbound, self._outbound = self._legs["inbound"], self._legs["outbound"]
         self.position = 0  # bytes per channel already emitted
         self.shift = 0  # bytes subtracted from every timestamp after a jump
         self.stats = MixerStats()
@@ -113,7 +114,11 @@ class StereoMixer:
     @property
     def frontier_ms(self) -> int:
         """The latest stream time (ms) this mixer holds audio for, in the timestamps' own clock."""
-        return (max(leg.end for leg in self._legs.values()) + self.shift) // BYTES_PER_MS
+        return (self._lead() + self.shift) // BYTES_PER_MS
+
+    def _lead(self) -> int:
+        """The furthest byte position either leg holds (push() runs per 20 ms chunk: no generators)."""
+        return max(self._inbound.end, self._outbound.end)
 
     def push(self, track: str, timestamp_ms: int, payload: bytes) -> list[bytes]:
         """Add one chunk; return the stereo frames that became complete (often none)."""
@@ -125,7 +130,7 @@ class StereoMixer:
             return []
 
         start = timestamp_ms * BYTES_PER_MS - self.shift
-        frontier = max(other.end for other in self._legs.values())
+        frontier = self._lead()
         if start > frontier + self.max_gap:
             self.shift += start - (frontier + self.max_gap)
             start = frontier + self.max_gap
@@ -158,8 +163,8 @@ class StereoMixer:
 
     def flush(self) -> list[bytes]:
         """End of call: pad every leg to the longest and emit everything, short frame included."""
-        lead = max(leg.end for leg in self._legs.values())
-        for leg in self._legs.values():
+        lead = self._lead()
+        for leg in (self._inbound, self._outbound):
             self.stats.lag_pad_bytes += leg.pad_to(lead, hole=False)
         return self._emit(final=True)
 
@@ -190,13 +195,13 @@ class StereoMixer:
             self.stats.duplicates += 1
 
     def _pad_lagging(self) -> None:
-        lead = max(leg.end for leg in self._legs.values())
-        for leg in self._legs.values():
+        lead = self._lead()
+        for leg in (self._inbound, self._outbound):
             if lead - leg.end > leg.max_lag:
                 self.stats.lag_pad_bytes += leg.pad_to(lead - leg.max_lag)
 
     def _emit(self, final: bool = False) -> list[bytes]:
-        inbound, outbound = self._legs["inbound"], self._legs["outbound"]
+        inbound, outbound = self._inbound, self._outbound
         ready = min(inbound.end, outbound.end) - self.position
         if not final:
             ready -= ready % self.frame_bytes
