@@ -2,8 +2,11 @@
 whole call whatever the network does.
 
 The Twilio side must never wait on Deepgram, so `send_audio()` is synchronous: it numbers the
-frame with its place in the call (bytes per channel) and puts it in a bounded outbox. A writer
-task sends from it; a reader task hands every message Deepgram sends to `on_message`.
+frame with its place in the call (bytes per channel) and, in the common case (connected, nothing
+waiting, the socket keeping up), writes it at once. Otherwise it goes into a bounded outbox that
+a writer task sends from, with the socket's flow control. A reader task hands every message
+Deepgram sends to `on_message`. (Writing in place saves a task wake-up per frame; see the
+README's Performance section.)
 
 Keeping transcripts complete across failures
 - Frames stay in a *replay window* after they are sent, until final `Results` on every channel
@@ -42,7 +45,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.connection import broadcast
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidHandshake, InvalidStatus
+from websockets.protocol import State
 
 import metrics
 
@@ -55,6 +60,7 @@ REPLAY_SPEED = 1.25  # Deepgram's limit for streaming faster than real time
 CATCH_UP_SECONDS = 2.0  # a backlog larger than this at connect time is paced at REPLAY_SPEED
 PERMANENT_STATUSES = {400, 401, 403, 404}
 RECONNECT_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # then 8 s between attempts
+WRITE_BUFFER_LIMIT = 2**15  # bytes buffered in the transport beyond which frames wait in the outbox
 
 
 @dataclass
@@ -126,6 +132,8 @@ class DeepgramStream:
         self._closing = False
         self._task: asyncio.Task | None = None
         self._ws: ClientConnection | None = None  # the current connection, if any
+        self._direct: ClientConnection | None = None  # the connection send_audio() may write to
+        self._last_sent = time.monotonic()  # for KeepAlive: when audio last went out
         self._warned_overflow = False
         # Per connection: conn_bytes -> call position, as two parallel sorted lists.
         self._map_conn: list[int] = []
@@ -147,6 +155,8 @@ class DeepgramStream:
         if self._task is None or self._task.done():
             self._count_unsent(frame)
             return
+        if not self._outbox and self._send_now(position, frame):
+            return
         if len(self._outbox) >= self.max_queued_frames:
             _, dropped = self._outbox.popleft()  # keep the newest audio; the oldest is lost
             self._count_unsent(dropped)
@@ -156,6 +166,26 @@ class DeepgramStream:
                           self.label, len(self._outbox))
         self._outbox.append((position, frame))
         self._wakeup.set()
+
+    def _send_now(self, position: int, frame: bytes) -> bool:
+        """Write a frame from the caller, without the writer task; False if it must wait its turn.
+
+        Only when nothing is queued (so order is kept) and the socket is open and keeping up
+        (`broadcast()` is websockets' synchronous send; it has no flow control, so we check the
+        transport's buffer ourselves).
+        """
+        ws = self._direct
+        if ws is None or ws.state is not State.OPEN or ws.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            return False
+        try:
+            broadcast([ws], frame, raise_exceptions=True)
+        except ExceptionGroup as exc:
+            if not exc.subgroup(RuntimeError):  # not a failed write (there are no fragmented sends)
+                return False
+            # The socket is failing: the reader will see it close. The frame is noted as sent, so
+            # it is in the replay window and goes out again on the next connection.
+        self._note_sent(position, frame)
+        return True
 
     async def finish(self) -> None:
         """Send what is queued, then CloseStream; wait (bounded) for Deepgram's last messages."""
@@ -257,9 +287,11 @@ class DeepgramStream:
             log.warning("call %s: reconnected to Deepgram; sending %.1f s of audio again from %.1f s",
                         self.label, backlog, first / BYTES_PER_SECOND)
         writer = asyncio.create_task(self._write(ws, pace=backlog > CATCH_UP_SECONDS))
+        self._direct = ws  # used only while the outbox is empty, i.e. once any backlog has gone
         try:
             ended = await self._read(ws)
         finally:
+            self._direct = None
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
             if ws.close_code is None:
@@ -275,13 +307,18 @@ class DeepgramStream:
                 if self._closing:
                     await ws.send(CLOSE_STREAM)
                     return
-                self._wakeup.clear()
-                try:
-                    async with asyncio.timeout(self.keepalive_seconds):
-                        await self._wakeup.wait()
-                except TimeoutError:
+                idle = time.monotonic() - self._last_sent
+                if idle >= self.keepalive_seconds:
                     await ws.send(KEEPALIVE)
                     self.stats.keepalives += 1
+                    self._last_sent = time.monotonic()
+                    continue
+                self._wakeup.clear()  # set when a frame is queued, or by finish()
+                try:
+                    async with asyncio.timeout(self.keepalive_seconds - idle):
+                        await self._wakeup.wait()
+                except TimeoutError:
+                    pass
                 continue
             position, frame = self._outbox[0]
             if pace:
@@ -299,6 +336,7 @@ class DeepgramStream:
             self._map_call.append(position)
             self._verbatim = False
         self._conn_bytes += len(frame) // 2
+        self._last_sent = time.monotonic()
         self._replay.append((position, frame))
         if len(self._replay) > self.replay_frames:
             self._replay.popleft()  # Deepgram has long had it; the window only bounds a replay
