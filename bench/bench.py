@@ -74,6 +74,12 @@ def proc_times(pid: int) -> tuple[float, float]:
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
+def proc_usage(pid: int) -> tuple[float, float, int, int]:
+    """(utime s, stime s, read-like system calls, write-like system calls) of one process so far."""
+    counts = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return (*proc_times(pid), int(counts["syscr"]), int(counts["syscw"]))
+
+
 def proc_cpu(pid: int) -> float:
     """utime + stime of one process, in seconds."""
     return sum(proc_times(pid))
@@ -178,7 +184,7 @@ def scrape(port: int) -> dict[str, float]:
 
 @dataclass
 class RunSpec:
-    target: str  # "proxy", "baseline" (the proxy at --baseline REF) or "floor"
+    target: str  # "floor", "proxy" (this working tree) or a --baseline ref's label
     n: int
     seconds: float  # audio per call
     pace: str = "realtime"  # or "fast"
@@ -197,6 +203,7 @@ class RunResult:
     frames: int = 0  # Twilio media frames in the CPU window
     cpu_s: float = 0.0  # server CPU seconds in the window
     sys_s: float = 0.0  # of which in the kernel (stime)
+    syscalls: list[int] = field(default_factory=lambda: [0, 0])  # read-like, write-like, in the window
     window_s: float = 0.0
     loadgen_cpu_s: float = 0.0
     fake_cpu_s: float = 0.0
@@ -230,17 +237,23 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
         self.run_no = 0
         self.py_spy = "py-spy"
-        self.baseline_root = self._checkout(args.baseline) if args.baseline else None
+        # Where each proxy target's server.py lives: this tree, and one checkout per --baseline ref.
+        self.roots = {"proxy": ROOT}
+        for i, ref in enumerate(args.baseline):
+            commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", ref], check=True,
+                                    capture_output=True, text=True).stdout.strip()
+            self.roots[f"{ref} ({commit})"] = self._checkout(ref, self.tmp / f"baseline{i}")
 
-    def _checkout(self, ref: str) -> Path:
+    @property
+    def baselines(self) -> list[str]:
+        return [t for t in self.roots if t != "proxy"]
+
+    @staticmethod
+    def _checkout(ref: str, out: Path) -> Path:
         """The proxy's files at a git ref, for before/after runs in the same invocation."""
-        out = self.tmp / "baseline"
         out.mkdir()
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", ref], check=True,
-                                capture_output=True, text=True).stdout.strip()
-        self.baseline_label = f"{ref} ({commit})"
         return out
 
     def log(self, text: str) -> None:
@@ -284,14 +297,13 @@ class Bench:
     def _run(self, spec: RunSpec, res: RunResult, d: Path, procs: list[Proc]) -> None:
         port = free_port()
         fake = None
-        if spec.target in ("proxy", "baseline"):
+        if spec.target != "floor":
             fake = Proc("fake-deepgram", [PY, str(HERE / "fake_deepgram.py"), "--port", "0",
                                           "--api-key", API_KEY, "--window-ms", str(self.args.window_ms),
                                           "--dump", str(d / "fake.pickle")], log=d / "fake.log")
             procs.append(fake)
             fake_port = int(fake.expect("READY", 20).split()[1])
-            root = ROOT if spec.target == "proxy" else self.baseline_root
-            server = Proc(spec.target, [PY, str(root / "server.py")], env=self.server_env(port, fake_port),
+            server = Proc(spec.target, [PY, str(self.roots[spec.target] / "server.py")], env=self.server_env(port, fake_port),
                           cwd=str(d), log=d / "server.log")
         else:
             server = Proc("floor", [PY, str(HERE / "floor_server.py"), "--port", str(port)],
@@ -333,6 +345,7 @@ class Bench:
             frames_total += w["frames"]
             cpu_total += w["cpu"]
             sys_total += w["sys"]
+            res.syscalls = [a + b for a, b in zip(res.syscalls, w["syscalls"])]
             window_total += w["window"]
             lg_cpu += w["lg_cpu"]
             sb_cpu += w["sb_cpu"]
@@ -392,21 +405,21 @@ class Bench:
             procs.append(subs)
             subs.expect("READY", 60 + spec.n * (spec.subs + spec.stalled) * 0.05)
         if spec.pace != "realtime":  # fast: from GO until every call has closed
-            w0, c0 = time.monotonic(), proc_times(server.pid)
+            w0, c0 = time.monotonic(), proc_usage(server.pid)
         tw.tell("GO")
         t0 = float(tw.expect("T0", 10).split()[1])
         if spec.pace == "realtime":
             w0 = t0 + min(spec.warmup, spec.seconds / 4) + 1.0  # every call has started
             w1 = t0 + spec.seconds - 0.5
             time.sleep(max(0.0, w0 - time.monotonic()))
-            c0 = proc_times(server.pid)
+            c0 = proc_usage(server.pid)
             if spec.profile:
                 spy = subprocess.Popen([self.py_spy, "record", "--pid", str(server.pid), "--rate", "250",
                                         "--duration", str(int(t0 + spec.seconds - 1 - time.monotonic())),
                                         "--format", "raw", "--output", spec.profile, "--nonblocking"],
                                        stdout=subprocess.DEVNULL, stderr=open(d / "py-spy.log", "wb"))
             time.sleep(max(0.0, w1 - time.monotonic()))
-            c1 = proc_times(server.pid)
+            c1 = proc_usage(server.pid)
             timeout = 60 + spec.seconds
         else:  # the server has read everything once every call's close handshake is done
             timeout = 120 + spec.n * spec.seconds
@@ -415,7 +428,7 @@ class Bench:
             spy.wait(30)
         tw.expect("DONE", 60)
         if spec.pace != "realtime":
-            w1, c1 = time.monotonic(), proc_times(server.pid)
+            w1, c1 = time.monotonic(), proc_usage(server.pid)
         with open(d / "twilio.pickle", "rb") as f:
             twr = pickle.load(f)
         lg_cpu = twr["cpu"]
@@ -435,7 +448,8 @@ class Bench:
             sb_cpu = sb["cpu"]
             subs.stop()
         tw.stop()
-        return {"frames": frames, "cpu": sum(c1) - sum(c0), "sys": c1[1] - c0[1], "window": w1 - w0, "lg_cpu": lg_cpu, "sb_cpu": sb_cpu,
+        used = [after - before for before, after in zip(c0, c1)]
+        return {"frames": frames, "cpu": used[0] + used[1], "sys": used[1], "syscalls": used[2:], "window": w1 - w0, "lg_cpu": lg_cpu, "sb_cpu": sb_cpu,
                 "lag_p99": float(np.percentile(lag, 99)), "t0": t0, "sent_at": sent_at, "subs": sb,
                 "warm_from": t0 + min(spec.warmup, spec.seconds / 4) + 1.0}
 
@@ -563,6 +577,7 @@ def run_row(r: RunResult) -> list[str]:
     s = r.spec
     return [s.target, s.pace, str(s.n), f"{r.frames}", fmt(r.cpu_s, 2), fmt(r.server_cores, 2),
             fmt(r.us_per_frame, 1), fmt(100 * r.sys_s / r.cpu_s if r.cpu_s else float("nan"), 0),
+            "/".join(fmt(n / r.frames if r.frames else float("nan"), 2) for n in r.syscalls),
             fmt(r.lag_p99 * 1000, 1)]
 
 
@@ -570,7 +585,7 @@ def run_row(r: RunResult) -> list[str]:
 
 
 def scenario_ratio(b: Bench, rep: Report, pace: str, n: int, seconds: float, pairs: int) -> None:
-    targets = ("floor", "baseline", "proxy") if b.baseline_root else ("floor", "proxy")
+    targets = ("floor", *b.baselines, "proxy")
     runs: dict[str, list[RunResult]] = {t: [] for t in targets}
     rows = []
     for _ in range(pairs):
@@ -586,11 +601,11 @@ def scenario_ratio(b: Bench, rep: Report, pace: str, n: int, seconds: float, pai
             f"({'call starts spread over the 20 ms tick' if pace == 'realtime' else 'as fast as the server reads'}; "
             f"proxy with S = {b.args.subs} subscriber per call; alternating {'/'.join(targets)})", "")
     rep.table(["server", "pace", "N", "media frames", "CPU s", "cores", "µs/frame", "% kernel",
-               "loadgen lag p99 ms"], rows)
+               "syscalls/frame rd/wr", "loadgen lag p99 ms"], rows)
     rep.add(f"median: floor {floor:.1f} µs/frame, proxy {proxy:.1f} µs/frame, **ratio {ratio:.2f}×**", "")
-    if b.baseline_root:
-        base = median["baseline"]
-        rep.add(f"baseline {b.baseline_label}: {base:.1f} µs/frame, ratio {base / floor:.2f}× the floor; "
+    for label in b.baselines:
+        base = median[label]
+        rep.add(f"baseline {label}: {base:.1f} µs/frame, ratio {base / floor:.2f}× the floor; "
                 f"**proxy / baseline {proxy / base:.2f}**", "")
     rep.data[f"ratio_{pace}"] = {"median_us": median, "ratio": ratio,
                                  "runs": [[r.spec.target, r.us_per_frame] for v in runs.values() for r in v]}
@@ -646,9 +661,9 @@ def scenario_latency(b: Bench, rep: Report, ns: list[int], seconds: float, long_
 
 
 def scenario_fanout(b: Bench, rep: Report, n: int, s: int, seconds: float) -> None:
-    if b.baseline_root:
-        base = b.run(RunSpec("baseline", n, seconds, subs=s, label="fan-out"))
-        rep.add(f"### Subscriber fan-out, baseline {b.baseline_label}: N = {n}, S = {s}", "")
+    for label in b.baselines:
+        base = b.run(RunSpec(label, n, seconds, subs=s, label="fan-out"))
+        rep.add(f"### Subscriber fan-out, baseline {label}: N = {n}, S = {s}", "")
         rep.table(LAT_HEADER, [latency_rows(base)])
     r = b.run(RunSpec("proxy", n, seconds, subs=s, label="fan-out"))
     rep.add(f"### Subscriber fan-out: N = {n}, S = {s} raw-mode subscribers per call, real time", "")
@@ -834,9 +849,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "transcript messages of different calls are not in step)")
     p.add_argument("--log-level", default="WARNING", help="server LOG_LEVEL (default WARNING)")
     p.add_argument("--profile", type=Path, help="also profile the proxy (py-spy) at N=--n; collapsed stacks here")
-    p.add_argument("--baseline", metavar="GIT_REF",
-                   help="also run the proxy as of this git ref (e.g. HEAD, for uncommitted changes), alternating "
-                        "with the working tree in the ratio and fan-out scenarios: before/after in one run")
+    p.add_argument("--baseline", metavar="GIT_REF[,GIT_REF...]", type=lambda t: [r for r in t.split(",") if r],
+                   default=[], help="also run the proxy as of these git refs (e.g. HEAD for uncommitted changes), "
+                                    "alternating with the working tree in the ratio and fan-out scenarios: "
+                                    "before/after in one run")
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, raw timings)")
     a = p.parse_args(argv)
