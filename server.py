@@ -37,6 +37,7 @@ from websockets.protocol import State
 
 import metrics
 import security
+import tuning
 from calls import Calls
 from config import ConfigError, Settings, configure_logging, load_settings
 from hub import EVERY_CALL, BadSubscription, Hub, Subscriber, parse_subscription
@@ -423,6 +424,7 @@ def main() -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    tuning.tune_allocator()
     security.redact_logs([settings.deepgram_api_key, settings.twilio_auth_token, settings.call_token,
                           *settings.client_tokens])
 

@@ -2,8 +2,9 @@
 
     python bench/floor_server.py --port P
 
-Same library, same `serve()` options as the proxy (no compression, same max_size), nothing else:
-what any Python websocket server must spend to receive Twilio's media frames. Prints
+Same library, same `serve()` options as the proxy (no compression, same max_size) and the same
+malloc settings (tuning.py: without them a read can cost three extra system calls, by luck of
+start-up), nothing else: what any Python websocket server must spend to receive Twilio's frames. Prints
 `READY <port>`; answers GET /healthz without upgrading; exits on SIGTERM.
 """
 
@@ -13,8 +14,13 @@ import argparse
 import asyncio
 import http
 import signal
+import sys
+from pathlib import Path
 
 from websockets.asyncio.server import serve
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import tuning  # noqa: E402
 
 
 async def handler(ws) -> None:
@@ -44,6 +50,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--max-size", type=int, default=65_536)
     args = parser.parse_args()
+    tuning.tune_allocator()
     asyncio.run(main_async(args.port, args.max_size))
 
 
