@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import json
 import logging
 import random
 import time
@@ -44,6 +43,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.connection import broadcast
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidHandshake, InvalidStatus
@@ -367,7 +367,7 @@ class DeepgramStream:
 
     def _on_text(self, message: str) -> None:
         try:
-            data = json.loads(message)
+            data = orjson.loads(message)  # per message from Deepgram: 3x faster than json.loads
             kind = data.get("type")
         except (ValueError, AttributeError):
             log.warning("call %s: Deepgram sent a message that is not a JSON object", self.label)
@@ -379,7 +379,7 @@ class DeepgramStream:
             self.stats.metadata_received = True
         if not self._verbatim:
             _shift_times(data, self._call_time)
-            message = json.dumps(data)
+            message = orjson.dumps(data).decode()
         self.stats.messages += 1
         self._on_message(message)
 
