@@ -1,9 +1,10 @@
 """The subscriber hub: who listens to which call, and one bounded outbox per listener.
 
 This is the "watch" pattern of the `websockets` tutorial with backpressure added: the hub never
-awaits. Publishing a message puts the same `str` (encoded once) into each subscriber's outbox,
-and each subscriber's own writer task (in `server.py`) sends from it. A subscriber whose outbox
-reaches its bound is dropped on the spot: the call and the other subscribers never wait for it.
+awaits. Publishing a message hands the same `str` (encoded once) to each subscriber: written at
+once when that subscriber's writer is idle and its socket keeps up (`Subscriber.send_now`, set
+by `server.py`), else put in its outbox for its own writer task to send. A subscriber whose
+outbox reaches its bound is dropped on the spot: the call and the other subscribers never wait.
 
 Two kinds of subscription share the same machinery:
 - *raw* (the tutorial's protocol): Deepgram's messages verbatim; the outbox ends after the call's
@@ -22,6 +23,7 @@ import json
 import logging
 from collections import deque
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +61,14 @@ class Subscriber:
         self._outbox: deque[str | None] = deque()
         self._ready = asyncio.Event()
         self.dropped_event = asyncio.Event()  # lets the connection close at once, even mid-send
+        # Set by the connection's writer while it waits for a message: writes one now if the
+        # socket keeps up, returning False if not. Saves a task wake-up per message.
+        self.send_now: Callable[[str], bool] | None = None
 
     def offer(self, message: str) -> bool:
-        """Queue a message; False (and nothing queued) if the outbox is full."""
+        """Send or queue a message; False (and nothing queued) if the outbox is full."""
+        if not self._outbox and self.send_now is not None and self.send_now(message):
+            return True
         if len(self._outbox) >= self.max_queue:
             return False
         self._outbox.append(message)
