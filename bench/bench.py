@@ -416,7 +416,7 @@ class Bench:
             if spec.profile:
                 spy = subprocess.Popen([self.py_spy, "record", "--pid", str(server.pid), "--rate", "250",
                                         "--duration", str(int(t0 + spec.seconds - 1 - time.monotonic())),
-                                        "--format", "raw", "--output", spec.profile, "--nonblocking"],
+                                        "--format", "raw", "--output", spec.profile, "--nonblocking", "--gil"],
                                        stdout=subprocess.DEVNULL, stderr=open(d / "py-spy.log", "wb"))
             time.sleep(max(0.0, w1 - time.monotonic()))
             c1 = proc_usage(server.pid)
