@@ -80,6 +80,28 @@ def test_a_full_outbox_drops_only_that_subscriber():
     assert not fast.dropped
 
 
+def test_messages_go_out_at_once_while_the_socket_keeps_up_and_queue_in_order_otherwise():
+    hub = Hub()
+    hub.open_call(INFO)
+    sub = Subscriber("CA1", json_mode=False, max_queue=10)
+    hub.subscribe(sub)
+    written, keeping_up = [], [True]
+
+    def send_now(message: str) -> bool:
+        if keeping_up[0]:
+            written.append(message)
+        return keeping_up[0]
+
+    sub.send_now = send_now
+    hub.publish("CA1", "m1")
+    keeping_up[0] = False
+    hub.publish("CA1", "m2")
+    keeping_up[0] = True
+    hub.publish("CA1", "m3")  # m2 is still queued: m3 must not overtake it
+    assert written == ["m1"]
+    assert drain(sub) == ["m2", "m3"]
+
+
 def test_publish_encodes_once_for_all_json_subscribers():
     hub = Hub()
     hub.open_call(INFO)
