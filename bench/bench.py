@@ -74,12 +74,6 @@ def proc_times(pid: int) -> tuple[float, float]:
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
-def proc_usage(pid: int) -> tuple[float, float, int, int]:
-    """(utime s, stime s, read-like system calls, write-like system calls) of one process so far."""
-    counts = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
-    return (*proc_times(pid), int(counts["syscr"]), int(counts["syscw"]))
-
-
 def proc_cpu(pid: int) -> float:
     """utime + stime of one process, in seconds."""
     return sum(proc_times(pid))
@@ -203,7 +197,6 @@ class RunResult:
     frames: int = 0  # Twilio media frames in the CPU window
     cpu_s: float = 0.0  # server CPU seconds in the window
     sys_s: float = 0.0  # of which in the kernel (stime)
-    syscalls: list[int] = field(default_factory=lambda: [0, 0])  # read-like, write-like, in the window
     window_s: float = 0.0
     loadgen_cpu_s: float = 0.0
     fake_cpu_s: float = 0.0
@@ -345,7 +338,6 @@ class Bench:
             frames_total += w["frames"]
             cpu_total += w["cpu"]
             sys_total += w["sys"]
-            res.syscalls = [a + b for a, b in zip(res.syscalls, w["syscalls"])]
             window_total += w["window"]
             lg_cpu += w["lg_cpu"]
             sb_cpu += w["sb_cpu"]
@@ -405,21 +397,21 @@ class Bench:
             procs.append(subs)
             subs.expect("READY", 60 + spec.n * (spec.subs + spec.stalled) * 0.05)
         if spec.pace != "realtime":  # fast: from GO until every call has closed
-            w0, c0 = time.monotonic(), proc_usage(server.pid)
+            w0, c0 = time.monotonic(), proc_times(server.pid)
         tw.tell("GO")
         t0 = float(tw.expect("T0", 10).split()[1])
         if spec.pace == "realtime":
             w0 = t0 + min(spec.warmup, spec.seconds / 4) + 1.0  # every call has started
             w1 = t0 + spec.seconds - 0.5
             time.sleep(max(0.0, w0 - time.monotonic()))
-            c0 = proc_usage(server.pid)
+            c0 = proc_times(server.pid)
             if spec.profile:
                 spy = subprocess.Popen([self.py_spy, "record", "--pid", str(server.pid), "--rate", "250",
                                         "--duration", str(int(t0 + spec.seconds - 1 - time.monotonic())),
                                         "--format", "raw", "--output", spec.profile, "--nonblocking", "--gil"],
                                        stdout=subprocess.DEVNULL, stderr=open(d / "py-spy.log", "wb"))
             time.sleep(max(0.0, w1 - time.monotonic()))
-            c1 = proc_usage(server.pid)
+            c1 = proc_times(server.pid)
             timeout = 60 + spec.seconds
         else:  # the server has read everything once every call's close handshake is done
             timeout = 120 + spec.n * spec.seconds
@@ -428,7 +420,7 @@ class Bench:
             spy.wait(30)
         tw.expect("DONE", 60)
         if spec.pace != "realtime":
-            w1, c1 = time.monotonic(), proc_usage(server.pid)
+            w1, c1 = time.monotonic(), proc_times(server.pid)
         with open(d / "twilio.pickle", "rb") as f:
             twr = pickle.load(f)
         lg_cpu = twr["cpu"]
@@ -448,8 +440,7 @@ class Bench:
             sb_cpu = sb["cpu"]
             subs.stop()
         tw.stop()
-        used = [after - before for before, after in zip(c0, c1)]
-        return {"frames": frames, "cpu": used[0] + used[1], "sys": used[1], "syscalls": used[2:], "window": w1 - w0, "lg_cpu": lg_cpu, "sb_cpu": sb_cpu,
+        return {"frames": frames, "cpu": sum(c1) - sum(c0), "sys": c1[1] - c0[1], "window": w1 - w0, "lg_cpu": lg_cpu, "sb_cpu": sb_cpu,
                 "lag_p99": float(np.percentile(lag, 99)), "t0": t0, "sent_at": sent_at, "subs": sb,
                 "warm_from": t0 + min(spec.warmup, spec.seconds / 4) + 1.0}
 
@@ -577,7 +568,6 @@ def run_row(r: RunResult) -> list[str]:
     s = r.spec
     return [s.target, s.pace, str(s.n), f"{r.frames}", fmt(r.cpu_s, 2), fmt(r.server_cores, 2),
             fmt(r.us_per_frame, 1), fmt(100 * r.sys_s / r.cpu_s if r.cpu_s else float("nan"), 0),
-            "/".join(fmt(n / r.frames if r.frames else float("nan"), 2) for n in r.syscalls),
             fmt(r.lag_p99 * 1000, 1)]
 
 
@@ -601,7 +591,7 @@ def scenario_ratio(b: Bench, rep: Report, pace: str, n: int, seconds: float, pai
             f"({'call starts spread over the 20 ms tick' if pace == 'realtime' else 'as fast as the server reads'}; "
             f"proxy with S = {b.args.subs} subscriber per call; alternating {'/'.join(targets)})", "")
     rep.table(["server", "pace", "N", "media frames", "CPU s", "cores", "µs/frame", "% kernel",
-               "syscalls/frame rd/wr", "loadgen lag p99 ms"], rows)
+               "loadgen lag p99 ms"], rows)
     rep.add(f"median: floor {floor:.1f} µs/frame, proxy {proxy:.1f} µs/frame, **ratio {ratio:.2f}×**", "")
     for label in b.baselines:
         base = median[label]
