@@ -30,7 +30,7 @@ from contextlib import AsyncExitStack
 from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import find_dotenv, load_dotenv
-from websockets.asyncio.server import ServerConnection, broadcast, serve
+from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -42,6 +42,7 @@ import tuning
 from calls import Calls
 from config import ConfigError, Settings, configure_logging, load_settings
 from hub import EVERY_CALL, BadSubscription, Hub, Subscriber, parse_subscription
+from sendnow import send_now
 from twilio_events import BadEvent, Connected, Media, Start, Stop, Unknown, parse_event
 from throttle import Throttle
 from upstream import DeepgramStream
@@ -57,8 +58,6 @@ CLOSE_TOO_SLOW = 4429
 CLOSE_CALL_FULL = 4503  # MAX_SUBSCRIBERS_PER_CALL reached
 # On /twilio, a `start` without the expected CALL_TOKEN: Twilio's own code for a bad stream.
 CLOSE_POLICY_VIOLATION = 1008
-
-SUBSCRIBER_WRITE_LIMIT = 2**15  # bytes buffered for a subscriber beyond which messages queue instead
 
 BAD_FRAME_LOG_INTERVAL = 10.0  # seconds between warnings about one kind of bad Twilio message
 
@@ -307,9 +306,9 @@ class Proxy:
 
     async def _write_outbox(self, ws: ServerConnection, sub: Subscriber) -> None:
         """Send what queued up; while waiting, the hub may write to the socket itself."""
-        send_now = functools.partial(_send_now, ws)
+        write = functools.partial(send_now, ws)
         while True:
-            sub.send_now = send_now
+            sub.send_now = write
             try:
                 message = await sub.next()
             finally:
@@ -337,21 +336,6 @@ class Proxy:
         self.ready = False
         await self.calls.close_all(self.settings.shutdown_timeout)
         self.hub.shutdown()
-
-
-def _send_now(ws: ServerConnection, message: str) -> bool:
-    """Write a message at once if the socket is open and its buffer is below the write limit.
-
-    `broadcast()` is websockets' synchronous send; it has no flow control, hence the check. When
-    it returns False the message is queued and the writer task sends it with flow control.
-    """
-    if ws.state is not State.OPEN or ws.transport.get_write_buffer_size() > SUBSCRIBER_WRITE_LIMIT:
-        return False
-    try:
-        broadcast([ws], message, raise_exceptions=True)
-    except ExceptionGroup:
-        return False  # the writer task's send will raise ConnectionClosed and end the subscription
-    return True
 
 
 def _peer(ws: ServerConnection) -> str:

@@ -45,11 +45,10 @@ from typing import Callable
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.asyncio.connection import broadcast
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidHandshake, InvalidStatus
-from websockets.protocol import State
 
 import metrics
+from sendnow import send_now
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,6 @@ REPLAY_SPEED = 1.25  # Deepgram's limit for streaming faster than real time
 CATCH_UP_SECONDS = 2.0  # a backlog larger than this at connect time is paced at REPLAY_SPEED
 PERMANENT_STATUSES = {400, 401, 403, 404}
 RECONNECT_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # then 8 s between attempts
-WRITE_BUFFER_LIMIT = 2**15  # bytes buffered in the transport beyond which frames wait in the outbox
 
 
 @dataclass
@@ -170,21 +168,12 @@ class DeepgramStream:
     def _send_now(self, position: int, frame: bytes) -> bool:
         """Write a frame from the caller, without the writer task; False if it must wait its turn.
 
-        Only when nothing is queued (so order is kept) and the socket is open and keeping up
-        (`broadcast()` is websockets' synchronous send; it has no flow control, so we check the
-        transport's buffer ourselves).
+        Only when nothing is queued, so order is kept (the writer task removes a frame from the
+        outbox only once it is sent), and if the socket keeps up (sendnow.py).
         """
-        ws = self._direct
-        if ws is None or ws.state is not State.OPEN or ws.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+        if self._direct is None or not send_now(self._direct, frame):
             return False
-        try:
-            broadcast([ws], frame, raise_exceptions=True)
-        except ExceptionGroup as exc:
-            if not exc.subgroup(RuntimeError):  # not a failed write (there are no fragmented sends)
-                return False
-            # The socket is failing: the reader will see it close. The frame is noted as sent, so
-            # it is in the replay window and goes out again on the next connection.
-        self._note_sent(position, frame)
+        self._note_sent(position, frame)  # into the replay window, which a reconnect sends again
         return True
 
     async def finish(self) -> None:

@@ -231,14 +231,21 @@ class Bench:
         self.run_no = 0
         self.py_spy = "py-spy"
         # Where each proxy target's server.py lives: this tree, and one checkout per --baseline ref.
+        # and the extra environment of each --variant (this tree with other settings).
         self.roots = {"proxy": ROOT}
+        self.envs: dict[str, dict[str, str]] = {}
         for i, ref in enumerate(args.baseline):
             commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", ref], check=True,
                                     capture_output=True, text=True).stdout.strip()
             self.roots[f"{ref} ({commit})"] = self._checkout(ref, self.tmp / f"baseline{i}")
+        for variant in args.variant:
+            label = " ".join(variant)
+            self.roots[label] = ROOT
+            self.envs[label] = dict(setting.split("=", 1) for setting in variant)
 
     @property
     def baselines(self) -> list[str]:
+        """Every proxy target other than this tree as it is: --baseline refs, then --variants."""
         return [t for t in self.roots if t != "proxy"]
 
     @staticmethod
@@ -296,7 +303,8 @@ class Bench:
                                           "--dump", str(d / "fake.pickle")], log=d / "fake.log")
             procs.append(fake)
             fake_port = int(fake.expect("READY", 20).split()[1])
-            server = Proc(spec.target, [PY, str(self.roots[spec.target] / "server.py")], env=self.server_env(port, fake_port),
+            server = Proc(spec.target, [PY, str(self.roots[spec.target] / "server.py")],
+                          env=self.server_env(port, fake_port, self.envs.get(spec.target)),
                           cwd=str(d), log=d / "server.log")
         else:
             server = Proc("floor", [PY, str(HERE / "floor_server.py"), "--port", str(port)],
@@ -843,6 +851,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    default=[], help="also run the proxy as of these git refs (e.g. HEAD for uncommitted changes), "
                                     "alternating with the working tree in the ratio and fan-out scenarios: "
                                     "before/after in one run")
+    p.add_argument("--variant", metavar="VAR=VALUE[,VAR=VALUE...]", action="append", default=[],
+                   type=lambda t: [v for v in t.split(",") if v],
+                   help="also run this tree with these server settings (e.g. DEEPGRAM_FRAME_MS=200), like a "
+                        "--baseline; repeatable")
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, raw timings)")
     a = p.parse_args(argv)
