@@ -128,19 +128,27 @@ class Call:
     def _on_error(self, error: str) -> None:
         self.hub.publish_event(self.call_sid, {"type": "error", "message": error})
 
+    def figures(self) -> metrics.Figures:
+        """This call's counters so far, summed into /metrics at scrape time (metrics.CallFigures)."""
+        mixer, upstream = self.mixer.stats, self.upstream.stats
+        figures = {
+            ("media_frames", ""): mixer.chunks,
+            ("upstream_bytes", ""): upstream.bytes_sent,
+            ("upstream_unsent_bytes", ""): upstream.bytes_unsent,
+            ("upstream_messages", ""): upstream.messages,
+            ("keepalives", ""): upstream.keepalives,
+        }
+        for kind, value in mixer.anomalies().items():
+            figures["mixer_anomalies", kind] = value
+        return figures
+
     def _record_metrics(self, outcome: str) -> None:
-        stats, mixer = self.upstream.stats, self.mixer.stats
+        """The call is about to leave the registry: its figures move to the ended calls' totals."""
+        metrics.CALL_FIGURES.ended.update(self.figures())
         metrics.calls_active.dec()
         metrics.end_of_call_total.labels(outcome).inc()
-        metrics.upstream_bytes_total.inc(stats.bytes_sent)
-        metrics.upstream_unsent_bytes_total.inc(stats.bytes_unsent)
-        metrics.upstream_messages_total.inc(stats.messages)
-        metrics.keepalives_total.inc(stats.keepalives)
-        if stats.error:
+        if self.upstream.stats.error:
             metrics.upstream_errors_total.inc()
-        for kind, value in mixer.anomalies().items():
-            if value:
-                metrics.mixer_anomalies_total.labels(kind).inc(value)
 
 
 def _format_counts(counts: dict[str, int]) -> str:
@@ -158,6 +166,11 @@ class Calls:
 
     def __len__(self) -> int:
         return len(self._calls)
+
+    def figures(self) -> list[metrics.Figures]:
+        """Every call in progress's counters (a source for metrics.CALL_FIGURES)."""
+        # An ended call's figures are already in metrics.CALL_FIGURES.ended: skip it.
+        return [call.figures() for call in self._calls.values() if not call.ended.is_set()]
 
     async def join(self, start: Start, socket) -> tuple[Call, int]:
         """A Twilio socket sent `start`: the call it belongs to, and its timestamp offset (ms)."""

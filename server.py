@@ -194,7 +194,6 @@ class Proxy:
                     if call is None:
                         self._bad_frame(None, BadEvent("media_before_start", "media before start"), ws)
                         continue
-                    metrics.media_frames_total.inc()
                     call.media(event, offset)
                 elif isinstance(event, Start):
                     if call is not None:
@@ -399,6 +398,8 @@ async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future |
     async with AsyncExitStack() as stack:
         url, key = await start_recogniser(settings, stack)
         proxy = Proxy(settings, url, key)
+        metrics.CALL_FIGURES.sources.add(proxy.calls.figures)  # live per-call counters on /metrics
+        stack.callback(metrics.CALL_FIGURES.sources.discard, proxy.calls.figures)
         server = await stack.enter_async_context(serve(
             proxy.handler, settings.host, settings.port,
             process_request=proxy.process_request,

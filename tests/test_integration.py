@@ -512,3 +512,29 @@ async def test_embedded_recogniser_gives_real_words_in_deepgram_shape(stacks):
                      if m.channel_index == [0, 2]).split()
     assert len({"back", "morning", "order"} & set(words)) >= 2, words
     assert not any(m.channel.alternatives[0].transcript for m in messages[:-1] if m.channel_index == [1, 2])
+
+
+async def test_per_call_counters_are_live_on_metrics_and_exact_after_the_call(stack):
+    """Frames, gaps and upstream bytes show while the call is in progress, not only at its end,
+    and each counts once after the call ends (its figures move from live to ended)."""
+    before = await metric_values(stack.port)
+    stream = TwilioStream(tracks=["inbound"])
+    async with connect(stack.url("/twilio")) as twilio:
+        await twilio.send(stream.start())
+        for i in range(50):
+            if i != 10:  # one lost chunk: a gap
+                await twilio.send(stream.media("inbound", 20 * i, b"\x01" * 160))
+        await wait_for(lambda: stack.stt.connections and len(stack.stt.connections[-1].raw) >= 14400,
+                       what="audio at the recogniser")
+        during = await metric_values(stack.port)
+        await twilio.send(stream.stop())
+        await until_closed(twilio)
+    await wait_for(lambda: not stack.proxy.calls, what="the call to end")
+    after = await metric_values(stack.port)
+    key = 'mixer_anomalies_total{kind="gaps"}'
+    assert during["media_frames_total"] - before["media_frames_total"] == 49
+    assert during.get(key, 0) - before.get(key, 0) == 1
+    assert during["upstream_bytes_total"] - before["upstream_bytes_total"] >= 14400
+    assert after["media_frames_total"] - before["media_frames_total"] == 49
+    assert after.get(key, 0) - before.get(key, 0) == 1
+    assert after["upstream_bytes_total"] - before["upstream_bytes_total"] == 2 * 8000  # 1 s, both channels
