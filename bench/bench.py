@@ -178,7 +178,7 @@ def scrape(port: int) -> dict[str, float]:
 
 @dataclass
 class RunSpec:
-    target: str  # "floor", "proxy" (this working tree) or a --baseline ref's label
+    target: str  # "floor", "proxy" (this working tree), or the label of a --baseline or --variant
     n: int
     seconds: float  # audio per call
     pace: str = "realtime"  # or "fast"
@@ -230,8 +230,8 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
         self.run_no = 0
         self.py_spy = "py-spy"
-        # Where each proxy target's server.py lives: this tree, and one checkout per --baseline ref.
-        # and the extra environment of each --variant (this tree with other settings).
+        # Where each proxy target's server.py lives (this tree, and one checkout per --baseline
+        # ref), and the extra environment of each --variant (this tree with other settings).
         self.roots = {"proxy": ROOT}
         self.envs: dict[str, dict[str, str]] = {}
         for i, ref in enumerate(args.baseline):
@@ -794,7 +794,8 @@ def scenario_profile(b: Bench, rep: Report, n: int, seconds: float, out: Path) -
     rows = [[name, f"{100 * c / samples:.1f}", f"{us * c / samples:.1f}",
              f"{100 * total[name] / samples:.1f}"] for name, c in sorted(own.items(), key=lambda x: -x[1])[:25]]
     rep.add(f"### Profile of the proxy: N = {n}, real time, S = {b.args.subs} (py-spy, {samples} samples; "
-            f"{us:.1f} µs CPU per media frame in this run; samples while idle in epoll are excluded)", "")
+            f"{us:.1f} µs CPU per media frame in this run; only samples holding the GIL, i.e. Python code: system calls and idle waits are not "
+            f"in it, and the shares below are of the Python part)", "")
     rep.table(["function (own time)", "% samples", "≈ µs/frame", "% inclusive"], rows)
     incl = [[name, f"{100 * c / samples:.1f}"] for name, c in sorted(total.items(), key=lambda x: -x[1])[:30]]
     rep.add("inclusive:", "")
