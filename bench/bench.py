@@ -791,12 +791,12 @@ def scenario_profile(b: Bench, rep: Report, n: int, seconds: float, out: Path) -
         for f in set(frames):
             total[f] = total.get(f, 0) + c
     us = r.us_per_frame
-    rows = [[name, f"{100 * c / samples:.1f}", f"{us * c / samples:.1f}",
-             f"{100 * total[name] / samples:.1f}"] for name, c in sorted(own.items(), key=lambda x: -x[1])[:25]]
-    rep.add(f"### Profile of the proxy: N = {n}, real time, S = {b.args.subs} (py-spy, {samples} samples; "
-            f"{us:.1f} µs CPU per media frame in this run; only samples holding the GIL, i.e. Python code: system calls and idle waits are not "
-            f"in it, and the shares below are of the Python part)", "")
-    rep.table(["function (own time)", "% samples", "≈ µs/frame", "% inclusive"], rows)
+    rows = [[name, f"{100 * c / samples:.1f}", f"{100 * total[name] / samples:.1f}"]
+            for name, c in sorted(own.items(), key=lambda x: -x[1])[:25]]
+    rep.add(f"### Profile of the proxy: N = {n}, real time, S = {b.args.subs} (py-spy, {samples} samples "
+            f"holding the GIL: Python code only, not system calls or idle waits; {us:.1f} µs CPU per media "
+            f"frame in this run, {100 * r.sys_s / max(r.cpu_s, 1e-9):.0f} % of it in the kernel)", "")
+    rep.table(["function (own time)", "% of Python samples", "% inclusive"], rows)
     incl = [[name, f"{100 * c / samples:.1f}"] for name, c in sorted(total.items(), key=lambda x: -x[1])[:30]]
     rep.add("inclusive:", "")
     rep.table(["function (inclusive)", "% samples"], incl)
