@@ -143,8 +143,6 @@ class Call:
         return figures
 
     def _record_metrics(self, outcome: str) -> None:
-        """The call is about to leave the registry: its figures move to the ended calls' totals."""
-        metrics.CALL_FIGURES.ended.update(self.figures())
         metrics.calls_active.dec()
         metrics.end_of_call_total.labels(outcome).inc()
         if self.upstream.stats.error:
@@ -169,8 +167,7 @@ class Calls:
 
     def figures(self) -> list[metrics.Figures]:
         """Every call in progress's counters (a source for metrics.CALL_FIGURES)."""
-        # An ended call's figures are already in metrics.CALL_FIGURES.ended: skip it.
-        return [call.figures() for call in self._calls.values() if not call.ended.is_set()]
+        return [call.figures() for call in self._calls.values()]
 
     async def join(self, start: Start, socket) -> tuple[Call, int]:
         """A Twilio socket sent `start`: the call it belongs to, and its timestamp offset (ms)."""
@@ -205,6 +202,8 @@ class Calls:
         finally:
             if self._calls.get(call.call_sid) is call:
                 del self._calls[call.call_sid]
+                # In the same step, so a scrape counts the call once: live until here, ended after.
+                metrics.CALL_FIGURES.ended.update(call.figures())
             call.ended.set()
 
     async def close_all(self, timeout: float) -> None:
