@@ -23,7 +23,7 @@ DEFAULT_DEEPGRAM_URL = (
     "wss://api.deepgram.com/v1/listen?model=nova-3&encoding=mulaw&sample_rate=8000"
     "&channels=2&multichannel=true&interim_results=true&punctuate=true"
 )
-ENGINES = ("auto", "deepgram", "pocketsphinx", "deterministic")
+ENGINES = ("auto", "deepgram", "whisper", "deterministic")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -40,6 +40,7 @@ class Settings:
     deepgram_url: str = DEFAULT_DEEPGRAM_URL
     deepgram_api_key: str | None = field(default=None, repr=False)  # a secret: never in a repr
     stt_engine: str = "auto"  # resolved by `engine` below
+    local_stt_model: str | None = None  # a CTranslate2 Whisper directory instead of the pinned tiny.en
     cert_pem: str | None = None
     key_pem: str | None = None
     log_level: str = "INFO"
@@ -74,7 +75,7 @@ class Settings:
         """The recogniser in use: Deepgram when a key is set (or asked for), else the embedded one."""
         if self.stt_engine != "auto":
             return self.stt_engine
-        return "deepgram" if self.deepgram_api_key else "pocketsphinx"
+        return "deepgram" if self.deepgram_api_key else "whisper"
 
     @property
     def tls(self) -> bool:
@@ -137,6 +138,10 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     if engine == "deepgram" and not api_key:
         raise ConfigError("DEEPGRAM_API_KEY", "STT_ENGINE=deepgram needs a Deepgram API key")
 
+    local_stt_model = env.get("LOCAL_STT_MODEL") or None
+    if local_stt_model is not None and not os.path.isdir(local_stt_model):
+        raise ConfigError("LOCAL_STT_MODEL", f"not a directory: {local_stt_model!r} (a CTranslate2 Whisper model)")
+
     cert, key = _pem_file(env, "CERT_PEM"), _pem_file(env, "KEY_PEM")
     if (cert is None) != (key is None):
         raise ConfigError("CERT_PEM" if cert is None else "KEY_PEM", "CERT_PEM and KEY_PEM go together")
@@ -156,6 +161,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         deepgram_url=deepgram_url,
         deepgram_api_key=api_key,
         stt_engine=engine,
+        local_stt_model=local_stt_model,
         cert_pem=cert,
         key_pem=key,
         log_level=log_level,

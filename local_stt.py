@@ -543,8 +543,8 @@ class Session:
         return control
 
     async def _finalize(self, engines: list[Engine]) -> None:
-        for engine in engines:
-            await engine.finalize()
+        """All channels at once: each waits for its own decodes, none queues behind another's."""
+        await asyncio.gather(*(engine.finalize() for engine in engines))
 
     async def _write(self) -> None:
         """Send queued messages in order, each no earlier than its due time; None ends."""
@@ -688,10 +688,14 @@ def _engine_factory(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if args.engine == "deterministic":
         return functools.partial(DeterministicEngine, window=args.window_ms / 1000)
     try:
-        import recognizer
+        import whisper_stt
     except ImportError as exc:
-        parser.exit(2, f"--engine pocketsphinx needs recognizer.py and pocketsphinx: {exc}\n")
-    return recognizer.engine_factory
+        parser.exit(2, f"--engine whisper needs the whisper_stt package and its requirements: {exc}\n")
+    try:
+        logger.info("model: %s", whisper_stt.start(args.model))
+    except whisper_stt.ModelError as exc:
+        parser.exit(2, f"{exc}\n")
+    return whisper_stt.engine_factory
 
 
 async def _serve_forever(stt: LocalSTT) -> None:
@@ -705,9 +709,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8081)
     parser.add_argument("--api-key", help="required Token; omit to accept any")
     parser.add_argument("--window-ms", type=int, default=1000, help="deterministic engine only")
-    parser.add_argument(
-        "--engine", choices=["deterministic", "pocketsphinx"], default="deterministic"
-    )
+    parser.add_argument("--engine", choices=["deterministic", "whisper"], default="deterministic")
+    parser.add_argument("--model", help="whisper only: a CTranslate2 Whisper directory (default: the pinned tiny.en)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stt = LocalSTT(args.host, args.port, args.api_key, _engine_factory(parser, args))

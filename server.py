@@ -376,16 +376,19 @@ async def start_recogniser(settings: Settings, stack: AsyncExitStack) -> tuple[s
     import local_stt
 
     factory = None
-    if settings.engine == "pocketsphinx":
-        import recognizer
+    model = ""
+    if settings.engine == "whisper":
+        import whisper_stt
 
-        factory = recognizer.engine_factory
-        stack.callback(recognizer.shutdown)
+        # Checks the model's SHA-256 and loads it in every worker (a second or two): off the loop.
+        model = "; model: " + await asyncio.to_thread(whisper_stt.start, settings.local_stt_model)
+        stack.callback(whisper_stt.shutdown)
+        factory = whisper_stt.engine_factory
     key = secrets.token_urlsafe(24)
     stt = await stack.enter_async_context(local_stt.LocalSTT(host="127.0.0.1", port=0, api_key=key,
                                                              engine_factory=factory))
     why = "STT_ENGINE is set" if settings.stt_engine != "auto" else "DEEPGRAM_API_KEY is not set"
-    log.info("recogniser: embedded %s on %s (%s)", settings.engine, stt.url, why)
+    log.info("recogniser: embedded %s on %s (%s)%s", settings.engine, stt.url, why, model)
     query = urlsplit(settings.deepgram_url).query
     return urlunsplit(urlsplit(stt.url)._replace(query=query)), key
 
@@ -447,7 +450,11 @@ def main() -> int:
             loop.add_signal_handler(sig, stop.set)
         await run(settings, stop)
 
-    asyncio.run(serve_until_signal())
+    try:
+        asyncio.run(serve_until_signal())
+    except ConfigError as exc:  # found while starting: an embedded model that cannot be used
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

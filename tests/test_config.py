@@ -22,7 +22,7 @@ def test_defaults():
                  "interim_results=true", "punctuate=true", "model="):
         assert part in s.deepgram_url
     assert s.frame_ms == 100 and s.max_lag_ms == 200
-    assert s.engine == "pocketsphinx" and not s.tls
+    assert s.engine == "whisper" and not s.tls and s.local_stt_model is None
 
 
 def test_a_deepgram_key_selects_deepgram():
@@ -49,7 +49,8 @@ def test_values_are_read():
     ({"DEEPGRAM_FRAME_MS": "fast"}, "DEEPGRAM_FRAME_MS"),
     ({"MIX_MAX_LAG_MS": "-1"}, "MIX_MAX_LAG_MS"),
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
-    ({"STT_ENGINE": "whisper"}, "STT_ENGINE"),
+    ({"STT_ENGINE": "pocketsphinx"}, "STT_ENGINE"),  # removed: whisper replaced it
+    ({"LOCAL_STT_MODEL": "/nonexistent/model"}, "LOCAL_STT_MODEL"),
     ({"STT_ENGINE": "deepgram"}, "DEEPGRAM_API_KEY"),
     ({"CERT_PEM": "/nonexistent.pem"}, "CERT_PEM"),
     ({"SUBSCRIBER_QUEUE": "0"}, "SUBSCRIBER_QUEUE"),

@@ -490,30 +490,6 @@ async def test_with_cert_and_key_the_proxy_speaks_wss(stacks, test_certificate):
         raise AssertionError("an untrusted certificate was accepted")
 
 
-async def test_embedded_recogniser_gives_real_words_in_deepgram_shape(stacks):
-    import recognizer
-    from test_local_stt import validate
-
-    stack = await stacks(engine_factory=recognizer.engine_factory)
-    stream = TwilioStream(tracks=["inbound", "outbound"])
-    speech = speak(SENTENCES[1])  # "please call me back tomorrow morning about my order"
-    async with connect(stack.url("/twilio")) as twilio:
-        await twilio.send(stream.start())
-        await stack.wait_for_call(stream.call_sid)
-        listener = await Listener(stack.url("/client"), stream.call_sid).start()
-        await stack.wait_for_subscribers(1)
-        for i, start in enumerate(range(0, len(speech), 160)):
-            await twilio.send(stream.media("inbound", 20 * i, speech[start:start + 160]))
-        await twilio.send(stream.stop())
-    await listener.finished(timeout=60)
-    messages = [validate(m) for m in listener.messages]  # the official deepgram-sdk models, strictly
-    assert type(messages[-1]).__name__ == "ListenV1Metadata" and listener.close_code == 1000
-    words = " ".join(m.channel.alternatives[0].transcript for m in messages[:-1]
-                     if m.channel_index == [0, 2]).split()
-    assert len({"back", "morning", "order"} & set(words)) >= 2, words
-    assert not any(m.channel.alternatives[0].transcript for m in messages[:-1] if m.channel_index == [1, 2])
-
-
 async def test_per_call_counters_are_live_on_metrics_and_exact_after_the_call(stack):
     """Frames, gaps and upstream bytes show while the call is in progress, not only at its end,
     and each counts once after the call ends (its figures move from live to ended)."""

@@ -575,16 +575,26 @@ def test_cli_serves_and_logs_connections() -> None:
         process.wait(5)
 
 
-def test_cli_exits_2_when_pocketsphinx_engine_is_missing() -> None:
-    hide_recognizer = (
-        "import sys; sys.modules['recognizer'] = None; import local_stt; local_stt.main()"
-    )
+def test_cli_exits_2_when_the_whisper_engine_is_missing() -> None:
+    hide_whisper = "import sys; sys.modules['whisper_stt'] = None; import local_stt; local_stt.main()"
     result = subprocess.run(
-        [sys.executable, "-c", hide_recognizer, "--engine", "pocketsphinx"],
+        [sys.executable, "-c", hide_whisper, "--engine", "whisper"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert result.returncode == 2
-    assert "pocketsphinx" in result.stderr
+    assert "--engine whisper needs" in result.stderr
+
+
+def test_cli_exits_2_when_the_model_directory_is_not_a_model(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "local_stt.py", "--engine", "whisper", "--model", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"{tmp_path / 'model.bin'} is missing" in result.stderr
