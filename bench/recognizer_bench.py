@@ -1,31 +1,51 @@
-"""Measure the embedded recogniser: accuracy, speed and how many calls a machine carries.
+"""Measure the embedded recognisers through the whole server: accuracy, latency, interims, capacity.
 
-    .venv/bin/python bench/recognizer_bench.py [--seconds 20] [--calls 2,4,6,8,10]
+    .venv/bin/python bench/recognizer_bench.py --quick   # about 4 minutes: 1 and 2 calls, 20 s each
+    .venv/bin/python bench/recognizer_bench.py           # about 12 minutes: 1, 2, 4, 6, 8 calls, 40 s each
+    .venv/bin/python bench/recognizer_bench.py --engines whisper --calls 4 --seconds 60
 
-Prints three tables:
+Each engine runs as `python server.py` with no Deepgram key, exactly as `make run` starts it:
+Whisper from this tree (STT_ENGINE=whisper), pocketsphinx from this repository's history as it
+was before Whisper replaced it (git archive of --pocketsphinx-ref; needs `pocketsphinx`, in
+requirements-dev.txt). Both get the same simulated calls in the same invocation, one load level
+after the other: N concurrent calls, each with both legs speaking synthetic sentences (espeak-ng
+on one leg, flite on the other, alternating between calls) with pauses of 0.6-1.6 s, sent in real
+time as Twilio media by `simulate.py`, and one JSON subscriber on /client receiving everything.
 
-1. Front end: WER of the shipped 16 kHz en-us model on 8 kHz fixtures, upsampled to 16 kHz
-   (with and without the engine's noise floor) or decoded at 8 kHz with a narrowed filterbank.
-   This is the measurement behind the choices in `recognizer.py`; it decodes in-process.
-2. The engine as `local_stt` uses it (endpointer + process pool), per voice: WER and the
-   real-time factor (decode CPU seconds / audio seconds) of one channel.
-3. Capacity: N concurrent calls, two channels each, fed in real time in 100 ms pieces. A load
-   is carried when no utterance is skipped and the 95th-percentile lag (emit time minus the
-   moment the utterance's audio had arrived, endpointer hangover included) stays under 3 s.
+Printed per engine and load level:
 
-Fixtures are synthetic (espeak-ng, flite through 8 kHz mu-law), so the WER says more about the
-front-end choices than about real callers.
+- WER per voice: word error rate of the finals of each leg against the sentences it spoke, after
+  normalising case, punctuation and digits ("5-5-5" -> "five five five"); and the recall of the
+  distinct words spoken.
+- CPU per channel: CPU seconds of the server and its decoder processes per second of audio per
+  channel (everything: VAD, decodes, interims, websockets), and the share of the 2 cores.
+- final delay p50/p95: from the end of a spoken sentence (its last sample sent) to the arrival at
+  the subscriber of the final that covers it.
+- interim gap p50/p95/max: seconds between updates a subscriber sees while a leg is speaking
+  (speech onset to the first interim, then interim to interim, until the sentence's final).
+- close: from the call's last audio (then `stop`) to its `call_ended` (Metadata received).
+- skipped: utterances not decoded because the pool was full (Whisper: /metrics; pocketsphinx: its
+  rate-limited log line, so a lower bound).
+
+An engine "carries" a load when nothing is skipped. Targets (issue 14) are checked for Whisper.
+Everything shares the machine's cores: server, decoders, simulated calls and subscriber; on a
+machine others are using the figures move by 10-30 % between invocations.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import re
+import socket
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,184 +53,327 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import codec  # noqa: E402
-import recognizer  # noqa: E402
 import speech  # noqa: E402
-from engine import BYTES_PER_SECOND, Segment  # noqa: E402
+from simulate import CallOptions, run_calls  # noqa: E402
+from websockets.asyncio.client import connect  # noqa: E402
 
+POCKETSPHINX_REF = "b0bb4d6"  # the last commit with the pocketsphinx recogniser
 SENTENCES = speech.SENTENCES + [
     "i would like to check the status of my account",
     "my phone number is five five five one two three four",
     "can you send me the invoice by email please",
     "the meeting has been moved to friday afternoon",
     "i need to speak with someone about a refund",
+    "your package will arrive on tuesday before noon",
+    "let me transfer you to the billing department",
+    "could you spell your last name for me",
 ]
-VOICES = ["espeak", "flite"]
-PIECE = 800  # 100 ms of mu-law
-PAUSE = b"\xff" * 4000  # 0.5 s of mu-law silence
-MAX_P95_LAG = 3.0  # the pending bound alone keeps lag near 2.5 s; beyond, it is skipping
+VOICES = ("espeak", "flite")
+DIGITS = "zero one two three four five six seven eight nine".split()
+TARGETS = {"flite WER": 0.15, "espeak WER": 0.30, "final p95 at 2 calls": 1.5, "interim gap p95": 1.5,
+           "close max": 2.0, "calls carried": 4}
 
 
-def word_errors(reference: str, hypothesis: str) -> int:
+# --- Scoring ------------------------------------------------------------------------------------
+
+
+def normalise(text: str) -> list[str]:
+    text = re.sub(r"\d", lambda m: f" {DIGITS[int(m.group())]} ", text.lower())
+    return re.sub(r"[^a-z' ]+", " ", text).replace(" '", " ").split()
+
+
+def word_errors(reference: list[str], hypothesis: list[str]) -> int:
     """Levenshtein distance over words (substitutions + deletions + insertions)."""
-    ref, hyp = reference.split(), hypothesis.split()
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
+    row = list(range(len(hypothesis) + 1))
+    for i, r in enumerate(reference, 1):
         previous, row = row, [i]
-        for j, h in enumerate(hyp, 1):
+        for j, h in enumerate(hypothesis, 1):
             row.append(min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (r != h)))
     return row[-1]
 
 
-def wer(pairs: list[tuple[str, str]]) -> float:
-    return sum(word_errors(r, h) for r, h in pairs) / sum(len(r.split()) for r, _ in pairs)
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
 
 
-# --- 1. Front end ------------------------------------------------------------------------------
-
-
-def feat_params_8k() -> str:
-    """The model's feat.params with the filterbank narrowed to what 8 kHz audio can carry."""
-    from pocketsphinx import get_model_path
-
-    text = Path(get_model_path("en-us/en-us/feat.params")).read_text().replace("-upperf 6800", "-upperf 3800")
-    path = Path(tempfile.mkdtemp()) / "feat.params"
-    path.write_text(text)
-    return str(path)
-
-
-def front_end_table() -> None:
-    from pocketsphinx import Decoder
-
-    plain_16k = lambda pcm8: codec.resample(pcm8, 8000, 16000)  # noqa: E731
-    variants = {
-        "16 kHz upsampled + noise floor (used)": (Decoder(loglevel="FATAL"), recognizer._to_model_input),
-        "16 kHz upsampled": (Decoder(loglevel="FATAL"), plain_16k),
-        "8 kHz, nfft 256, upperf 3800": (
-            Decoder(loglevel="FATAL", samprate=8000, nfft=256, featparams=feat_params_8k()),
-            lambda pcm8: pcm8,
-        ),
-    }
-    print("\n1. Front end (whole sentence per utterance, in-process)")
-    print(f"{'variant':40s} " + " ".join(f"{v + ' WER':>11s}" for v in VOICES))
-    for name, (decoder, prepare) in variants.items():
-        cells = []
-        for voice in VOICES:
-            pairs = []
-            for sentence in SENTENCES:
-                audio = prepare(codec.ulaw_to_pcm16(speech.speak(sentence, voice)))
-                decoder.start_utt()
-                decoder.process_raw(audio.tobytes(), False, True)
-                decoder.end_utt()
-                hyp = decoder.hyp()
-                pairs.append((sentence, hyp.hypstr if hyp else ""))
-            cells.append(f"{wer(pairs):11.1%}")
-        print(f"{name:40s} " + " ".join(cells))
-
-
-# --- 2. The engine -----------------------------------------------------------------------------
-
-
-async def transcribe(audio: bytes) -> str:
-    segments: list[Segment] = []
-    engine = recognizer.engine_factory(0, segments.append)
-    for i in range(0, len(audio), PIECE):
-        engine.feed(audio[i : i + PIECE])
-    await engine.finalize()
-    await engine.aclose()
-    return " ".join(s.transcript for s in segments if s.transcript)
-
-
-async def engine_table() -> None:
-    print("\n2. Engine (endpointer + process pool), one channel at a time")
-    print(f"{'voice':8s} {'WER':>7s} {'RTF':>7s} {'audio s':>8s}")
-    for voice in VOICES:
-        before = recognizer.RecognizerStats(**vars(recognizer.stats))
-        pairs = [(s, await transcribe(PAUSE + speech.speak(s, voice) + PAUSE)) for s in SENTENCES]
-        cpu = recognizer.stats.decode_cpu_seconds - before.decode_cpu_seconds
-        audio = recognizer.stats.audio_seconds_decoded - before.audio_seconds_decoded
-        print(f"{voice:8s} {wer(pairs):7.1%} {cpu / audio:7.3f} {audio:8.1f}")
-
-
-# --- 3. Capacity -------------------------------------------------------------------------------
+# --- The calls ------------------------------------------------------------------------------------
 
 
 @dataclass
-class LoadResult:
-    calls: int
-    lags: list[float]
-    skipped: int
-    utterances: int
-
-    @property
-    def p95_lag(self) -> float:
-        return float(np.percentile(self.lags, 95)) if self.lags else float("nan")
-
-    @property
-    def carried(self) -> bool:
-        return self.skipped == 0 and self.p95_lag <= MAX_P95_LAG
+class Spoken:
+    text: str
+    start: float  # seconds into the leg
+    end: float
 
 
-def channel_audio(seed: int, seconds: float) -> bytes:
-    """Sentences in random order with 1 s pauses: roughly 70% speech, a busy talker."""
+@dataclass
+class Leg:
+    voice: str
+    audio: bytes
+    sentences: list[Spoken]
+
+
+def make_leg(seed: int, voice: str, seconds: float) -> Leg:
+    """Sentences in random order with 0.6-1.6 s pauses: a busy talker, about 70 % speech."""
     rng = np.random.default_rng(seed)
-    parts = [b"\xff" * int(rng.integers(0, BYTES_PER_SECOND))]
-    while sum(map(len, parts)) < seconds * BYTES_PER_SECOND:
-        sentence = SENTENCES[int(rng.integers(len(SENTENCES)))]
-        parts += [speech.speak(sentence, VOICES[int(rng.integers(2))]), b"\xff" * BYTES_PER_SECOND]
-    return b"".join(parts)[: int(seconds * BYTES_PER_SECOND)]
-
-
-async def run_load(calls: int, seconds: float) -> LoadResult:
-    """Feed `calls` x 2 channels in real time; record each segment's lag behind its audio."""
-    skipped_before = recognizer.stats.skipped_utterances
-    lags: list[float] = []
-    utterances = 0
-    started = time.monotonic()
-
-    def on_segment(segment: Segment) -> None:
-        nonlocal utterances
-        utterances += 1
-        lags.append(time.monotonic() - (started + segment.start + segment.duration))
-
-    engines = [recognizer.engine_factory(c % 2, on_segment) for c in range(2 * calls)]
-    audio = [channel_audio(seed, seconds) for seed in range(2 * calls)]
-    for i in range(0, int(seconds * BYTES_PER_SECOND), PIECE):
-        await asyncio.sleep(max(0.0, started + i / BYTES_PER_SECOND - time.monotonic()))
-        for engine, channel in zip(engines, audio):
-            engine.feed(channel[i : i + PIECE])
-    await asyncio.gather(*(e.finalize() for e in engines))
-    await asyncio.gather(*(e.aclose() for e in engines))
-    return LoadResult(calls, lags, recognizer.stats.skipped_utterances - skipped_before, utterances)
-
-
-async def capacity_table(call_counts: list[int], seconds: float) -> None:
-    print(f"\n3. Capacity: concurrent calls x 2 channels, real time, {seconds:.0f} s each, {recognizer.WORKERS} workers")
-    print(f"{'calls':>5s} {'utts':>5s} {'skipped':>8s} {'p95 lag s':>10s} {'max lag s':>10s}  carried")
-    best = 0
-    for calls in call_counts:
-        result = await run_load(calls, seconds)
-        best = calls if result.carried else best
-        print(
-            f"{calls:5d} {result.utterances:5d} {result.skipped:8d} {result.p95_lag:10.2f} "
-            f"{max(result.lags, default=float('nan')):10.2f}  {'yes' if result.carried else 'no'}"
-        )
-        if not result.carried:
+    audio = bytearray(b"\xff" * int(rng.integers(2000, 12000)))
+    sentences = []
+    while True:
+        text = SENTENCES[int(rng.integers(len(SENTENCES)))]
+        spoken = speech.speak(text, voice)
+        if len(audio) + len(spoken) > seconds * 8000:
             break
-    print(f"carried: {best} concurrent calls (measured)")
+        sentences.append(Spoken(text, len(audio) / 8000, (len(audio) + len(spoken)) / 8000))
+        audio += spoken + b"\xff" * int(rng.integers(4800, 12800))
+    return Leg(voice, bytes(audio[: int(seconds * 8000)]), sentences)
+
+
+@dataclass
+class Received:
+    at: float
+    message: dict
+
+
+@dataclass
+class LevelResult:
+    engine: str
+    calls: int
+    errors: dict[str, int] = field(default_factory=lambda: {v: 0 for v in VOICES})
+    words: dict[str, int] = field(default_factory=lambda: {v: 0 for v in VOICES})
+    recall_hits: dict[str, int] = field(default_factory=lambda: {v: 0 for v in VOICES})
+    recall_words: dict[str, int] = field(default_factory=lambda: {v: 0 for v in VOICES})
+    final_delays: list[float] = field(default_factory=list)
+    interim_gaps: list[float] = field(default_factory=list)
+    closes: list[float] = field(default_factory=list)
+    incomplete: int = 0
+    cpu_per_channel: float = float("nan")
+    cores: float = float("nan")
+    skipped: int = 0
+    skipped_exact: bool = True
+    examples: list[tuple[str, str]] = field(default_factory=list)
+
+    def wer(self, voice: str) -> float:
+        return self.errors[voice] / max(1, self.words[voice])
+
+    def recall(self, voice: str) -> float:
+        return self.recall_hits[voice] / max(1, self.recall_words[voice])
+
+
+def score_leg(result: LevelResult, leg: Leg, zero: float, results: list[Received]) -> None:
+    """Compare one leg's messages with what it spoke; `zero` is when its audio position 0 was sent."""
+    finals = [r for r in results if r.message["is_final"]]
+    hypothesis = normalise(" ".join(r.message["channel"]["alternatives"][0]["transcript"] for r in finals))
+    reference = normalise(" ".join(s.text for s in leg.sentences))
+    result.errors[leg.voice] += word_errors(reference, hypothesis)
+    result.words[leg.voice] += len(reference)
+    result.recall_hits[leg.voice] += len(set(reference) & set(hypothesis))
+    result.recall_words[leg.voice] += len(set(reference))
+    if len(result.examples) < 4:
+        result.examples.append((" ".join(reference[:14]), " ".join(hypothesis[:14])))
+    for sentence in leg.sentences:
+        spoken_end = zero + sentence.end
+        covering = [r for r in finals if r.message["start"] <= sentence.end <= r.message["start"] + r.message["duration"] + 0.05]
+        if covering:
+            result.final_delays.append(covering[0].at - spoken_end)
+        # Updates a subscriber sees while this sentence is being spoken: its interims.
+        onset = zero + sentence.start
+        interims = [r.at for r in results if not r.message["is_final"] and onset < r.at < spoken_end
+                    and r.message["start"] >= sentence.start - 0.5]
+        if interims or any(not r.message["is_final"] for r in results):
+            result.interim_gaps.extend(float(g) for g in np.diff([onset, *interims, spoken_end]))
+
+
+# --- Running a server -------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    root: Path
+    env: dict[str, str]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its children still alive (the decoder pool)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):  # children are listed under the thread that forked them
+        try:
+            pids += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except OSError:
+            pass
+    return total
+
+
+def scrape(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+async def run_level(target: Target, calls: int, seconds: float, workdir: Path) -> LevelResult:
+    port = free_port()
+    log_path = workdir / f"{target.name}-{calls}.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("DEEPGRAM_API_KEY", "DEEPGRAM_URL")}
+    env.update(target.env, PROXY_URL=f"127.0.0.1:{port}", LOG_LEVEL="INFO", MAX_CALLS="1000")
+    with log_path.open("w") as log:
+        server = subprocess.Popen([sys.executable, "server.py"], cwd=target.root, env=env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 120
+        while "(/twilio" not in log_path.read_text():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{target.name} server did not start:\n{log_path.read_text()}")
+            await asyncio.sleep(0.1)
+        legs = [(make_leg(2 * i, VOICES[i % 2], seconds), make_leg(2 * i + 1, VOICES[(i + 1) % 2], seconds))
+                for i in range(calls)]
+        options = [CallOptions(inbound=a.audio, outbound=b.audio, call_sid=f"CA{i:032x}", seed=i,
+                               start_offset_ms=1000 * i / calls) for i, (a, b) in enumerate(legs)]
+        received: list[Received] = []
+        ended: set[str] = set()
+
+        async def subscribe() -> None:
+            async with connect(f"ws://127.0.0.1:{port}/client") as ws:
+                await ws.recv()
+                await ws.send(json.dumps({"type": "subscribe", "callSid": "*"}))
+                async for text in ws:
+                    message = json.loads(text)
+                    received.append(Received(time.monotonic(), message))
+                    if message["type"] == "call_ended":
+                        ended.add(message["callSid"])
+                        if len(ended) == calls:
+                            return
+
+        listener = asyncio.create_task(subscribe())
+        await asyncio.sleep(0.5)
+        cpu_before, wall_before = cpu_seconds(server.pid), time.monotonic()
+        skipped_before = scrape(port, 'embedded_stt_skipped_total{kind="final"}') if target.name == "whisper" else 0
+        results = await run_calls(f"ws://127.0.0.1:{port}/twilio", options)
+        await asyncio.wait_for(listener, 60)
+        cpu, wall = cpu_seconds(server.pid) - cpu_before, time.monotonic() - wall_before
+        level = LevelResult(target.name, calls)
+        level.cpu_per_channel = cpu / (2 * calls * seconds)
+        level.cores = cpu / wall
+        if target.name == "whisper":
+            level.skipped = int(scrape(port, 'embedded_stt_skipped_total{kind="final"}') - skipped_before)
+        else:
+            totals = re.findall(r"totals: (\d+) skipped", log_path.read_text())
+            level.skipped, level.skipped_exact = (int(totals[-1]) if totals else 0), False
+    finally:
+        server.terminate()
+        server.wait(30)
+    for (inbound, outbound), call in zip(legs, results):
+        sid = call.call_sid
+        mine = [r for r in received if r.message.get("callSid") == sid]
+        transcripts = [Received(r.at, r.message["data"]) for r in mine
+                       if r.message["type"] == "transcript" and r.message["data"]["type"] == "Results"]
+        for channel, leg in enumerate((inbound, outbound)):
+            track = ("inbound", "outbound")[channel]
+            sent = [c for c in call.sent if c.track == track]
+            zero = min(c.sent_at - c.timestamp / 1000 for c in sent)
+            score_leg(level, leg, zero, [r for r in transcripts if r.message["channel_index"][0] == channel])
+        last_audio = max(c.sent_at for c in call.sent)
+        end = next(r for r in mine if r.message["type"] == "call_ended")
+        level.closes.append(end.at - last_audio)
+        level.incomplete += end.message["endOfCall"] != "complete"
+    return level
+
+
+# --- Report ---------------------------------------------------------------------------------------------
+
+
+def report(levels: list[LevelResult], seconds: float) -> None:
+    print(f"\n## Results: {os.cpu_count()} CPUs, {seconds:.0f} s calls, both legs speaking, real time\n")
+    print("| engine | calls | espeak WER | flite WER | recall espeak / flite | CPU s per s per channel | cores used "
+          "| final delay p50 / p95 | interim gap p50 / p95 / max | close max | skipped |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in levels:
+        gaps = (f"{percentile(r.interim_gaps, 50):.2f} / {percentile(r.interim_gaps, 95):.2f} / "
+                f"{max(r.interim_gaps):.2f} s" if r.interim_gaps else "none")
+        skipped = f"{r.skipped}" if r.skipped_exact else f"≥ {r.skipped}"
+        closes = f"{max(r.closes):.2f} s" + (f" ({r.incomplete} incomplete)" if r.incomplete else "")
+        print(f"| {r.engine} | {r.calls} | {r.wer('espeak'):.1%} | {r.wer('flite'):.1%} | "
+              f"{r.recall('espeak'):.0%} / {r.recall('flite'):.0%} | {r.cpu_per_channel:.3f} | {r.cores:.2f} | "
+              f"{percentile(r.final_delays, 50):.2f} / {percentile(r.final_delays, 95):.2f} s | {gaps} | "
+              f"{closes} | {skipped} |")
+    for engine in dict.fromkeys(r.engine for r in levels):
+        mine = [r for r in levels if r.engine == engine]
+        carried = max((r.calls for r in mine if r.skipped == 0), default=0)
+        print(f"\n{engine}: carried {carried} concurrent calls with no skipped utterance "
+              f"(levels tried: {', '.join(str(r.calls) for r in mine)})")
+        print(f"  e.g. spoke: {mine[0].examples[0][0]!r}\n       heard: {mine[0].examples[0][1]!r}")
+        if engine != "whisper":
+            continue
+        at2 = next((r for r in mine if r.calls == 2), mine[0])
+        all_gaps = [g for r in mine if r.skipped == 0 for g in r.interim_gaps]
+        checks = {
+            "flite WER": (at2.wer("flite"), f"{at2.wer('flite'):.1%}"),
+            "espeak WER": (at2.wer("espeak"), f"{at2.wer('espeak'):.1%}"),
+            "final p95 at 2 calls": (percentile(at2.final_delays, 95), f"{percentile(at2.final_delays, 95):.2f} s"),
+            "interim gap p95": (percentile(at2.interim_gaps, 95), f"{percentile(at2.interim_gaps, 95):.2f} s"),
+            "close max": (max(at2.closes), f"{max(at2.closes):.2f} s"),
+            "calls carried": (carried, str(carried)),
+        }
+        print(f"  targets at {at2.calls} calls (carried: all levels):")
+        for name, (value, shown) in checks.items():
+            goal = TARGETS[name]
+            met = value >= goal if name == "calls carried" else value <= goal
+            print(f"    {name:22s} {shown:>8s}  target {'≥' if name == 'calls carried' else '≤'} {goal}  "
+                  f"{'met' if met else 'MISSED'}")
+        if all_gaps:
+            print(f"  interim gaps over every level carried: p95 {percentile(all_gaps, 95):.2f} s")
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=20.0, help="length of each capacity run")
-    parser.add_argument("--calls", default="2,4,6,8,10,12", help="call counts to try, ascending")
+    parser.add_argument("--quick", action="store_true", help="1 and 2 calls of 20 s (about 4 minutes)")
+    parser.add_argument("--calls", help="load levels, ascending (default 1,2,4,6,8; quick 1,2)")
+    parser.add_argument("--seconds", type=float, help="audio per call (default 40; quick 20)")
+    parser.add_argument("--engines", default="whisper,pocketsphinx", help="whisper, pocketsphinx or both")
+    parser.add_argument("--pocketsphinx-ref", default=POCKETSPHINX_REF, help="git ref with the pocketsphinx engine")
+    parser.add_argument("--keep-going", action="store_true", help="try every level even after one skips")
     args = parser.parse_args()
-    print(f"pocketsphinx recogniser bench: {os.cpu_count()} CPUs, {len(SENTENCES)} sentences per voice")
-    front_end_table()
-    await transcribe(PAUSE + speech.speak(SENTENCES[0]) + PAUSE)  # start the pool's workers
-    await engine_table()
-    await capacity_table([int(n) for n in args.calls.split(",")], args.seconds)
-    recognizer.shutdown()
+    calls = [int(n) for n in (args.calls or ("1,2" if args.quick else "1,2,4,6,8")).split(",")]
+    seconds = args.seconds or (20.0 if args.quick else 40.0)
+    workdir = Path(tempfile.mkdtemp(prefix="recognizer-bench-"))
+    targets = []
+    for name in args.engines.split(","):
+        if name == "whisper":
+            targets.append(Target("whisper", ROOT, {"STT_ENGINE": "whisper"}))
+        elif name == "pocketsphinx":
+            checkout = workdir / "pocketsphinx"
+            checkout.mkdir()
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.pocketsphinx_ref], check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(checkout)], input=archive, check=True)
+            targets.append(Target("pocketsphinx", checkout, {"STT_ENGINE": "pocketsphinx"}))
+        else:
+            parser.error(f"unknown engine {name!r}")
+    print(f"recogniser bench: engines {args.engines}, calls {calls}, {seconds:.0f} s each; logs in {workdir}",
+          file=sys.stderr)
+    levels = []
+    for n in calls:  # engines alternate at each level, so both see the same machine load
+        for target in targets:
+            if any(r.engine == target.name and r.skipped for r in levels) and not args.keep_going:
+                continue
+            started = time.monotonic()
+            level = await run_level(target, n, seconds, workdir)
+            levels.append(level)
+            print(f"  {target.name} x{n}: espeak WER {level.wer('espeak'):.1%}, flite WER {level.wer('flite'):.1%}, "
+                  f"final p95 {percentile(level.final_delays, 95):.2f} s, skipped {level.skipped} "
+                  f"({time.monotonic() - started:.0f} s)", file=sys.stderr)
+    report(levels, seconds)
 
 
 if __name__ == "__main__":
