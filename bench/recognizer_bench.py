@@ -23,7 +23,8 @@ Printed per engine and load level:
   the subscriber of the final that covers it.
 - interim gap p50/p95/max: seconds between updates a subscriber sees while a leg is speaking
   (speech onset to the first interim, then interim to interim, until the sentence's final).
-- close: from the call's last audio (then `stop`) to its `call_ended` (Metadata received).
+- close: from the call's last audio (then `stop`) to its `call_ended` (Metadata received). Every
+  leg hangs up in the middle of a sentence, so the last words must come out of `CloseStream`.
 - skipped: utterances not decoded because the pool was full (Whisper: /metrics; pocketsphinx: its
   rate-limited log line, so a lower bound).
 
@@ -110,11 +111,13 @@ class Spoken:
 class Leg:
     voice: str
     audio: bytes
-    sentences: list[Spoken]
+    sentences: list[Spoken]  # spoken whole
+    cut_off_at: float  # the call ends in the middle of one more sentence, which started here
 
 
 def make_leg(seed: int, voice: str, seconds: float) -> Leg:
-    """Sentences in random order with 0.6-1.6 s pauses: a busy talker, about 70 % speech."""
+    """Sentences in random order with 0.6-1.6 s pauses: a busy talker, about 70 % speech. The
+    call hangs up in the middle of a last sentence, the hard case for the end of a call."""
     rng = np.random.default_rng(seed)
     audio = bytearray(b"\xff" * int(rng.integers(2000, 12000)))
     sentences = []
@@ -125,7 +128,9 @@ def make_leg(seed: int, voice: str, seconds: float) -> Leg:
             break
         sentences.append(Spoken(text, len(audio) / 8000, (len(audio) + len(spoken)) / 8000))
         audio += spoken + b"\xff" * int(rng.integers(4800, 12800))
-    return Leg(voice, bytes(audio[: int(seconds * 8000)]), sentences)
+    cut_off_at = len(audio) / 8000
+    audio += spoken  # cut short below: only whole sentences are scored
+    return Leg(voice, bytes(audio[: int(seconds * 8000)]), sentences, cut_off_at)
 
 
 @dataclass
@@ -162,7 +167,9 @@ class LevelResult:
 def score_leg(result: LevelResult, leg: Leg, zero: float, results: list[Received]) -> None:
     """Compare one leg's messages with what it spoke; `zero` is when its audio position 0 was sent."""
     finals = [r for r in results if r.message["is_final"]]
-    hypothesis = normalise(" ".join(r.message["channel"]["alternatives"][0]["transcript"] for r in finals))
+    words = [w.get("punctuated_word", w["word"]) for r in finals for w in r.message["channel"]["alternatives"][0]["words"]
+             if w["start"] < leg.cut_off_at - 0.3]  # not the sentence the call ended in (0.2 s pad)
+    hypothesis = normalise(" ".join(words))
     reference = normalise(" ".join(s.text for s in leg.sentences))
     result.errors[leg.voice] += word_errors(reference, hypothesis)
     result.words[leg.voice] += len(reference)
@@ -295,7 +302,7 @@ async def run_level(target: Target, calls: int, seconds: float, workdir: Path) -
 
 def report(levels: list[LevelResult], seconds: float) -> None:
     print(f"\n## Results: {os.cpu_count()} CPUs, {seconds:.0f} s calls, both legs speaking, real time\n")
-    print("| engine | calls | espeak WER | flite WER | recall espeak / flite | CPU s per s per channel | cores used "
+    print("| engine | calls | espeak WER (of words) | flite WER (of words) | recall espeak / flite | CPU s per s per channel | cores used "
           "| final delay p50 / p95 | interim gap p50 / p95 / max | close max | skipped |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in levels:
@@ -303,7 +310,8 @@ def report(levels: list[LevelResult], seconds: float) -> None:
                 f"{max(r.interim_gaps):.2f} s" if r.interim_gaps else "none")
         skipped = f"{r.skipped}" if r.skipped_exact else f"≥ {r.skipped}"
         closes = f"{max(r.closes):.2f} s" + (f" ({r.incomplete} incomplete)" if r.incomplete else "")
-        print(f"| {r.engine} | {r.calls} | {r.wer('espeak'):.1%} | {r.wer('flite'):.1%} | "
+        print(f"| {r.engine} | {r.calls} | {r.wer('espeak'):.1%} of {r.words['espeak']} | "
+              f"{r.wer('flite'):.1%} of {r.words['flite']} | "
               f"{r.recall('espeak'):.0%} / {r.recall('flite'):.0%} | {r.cpu_per_channel:.3f} | {r.cores:.2f} | "
               f"{percentile(r.final_delays, 50):.2f} / {percentile(r.final_delays, 95):.2f} s | {gaps} | "
               f"{closes} | {skipped} |")
