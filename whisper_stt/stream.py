@@ -78,6 +78,8 @@ class _Final:
 
 
 class WhisperEngine:
+    """One channel of one connection (`engine.Engine`); all engines share the decoder pool."""
+
     def __init__(self, channel: int, emit: Emit, *, interim_results: bool = False,
                  config: EngineSettings = settings) -> None:
         self.channel = channel
