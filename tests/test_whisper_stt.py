@@ -539,9 +539,10 @@ asyncio.run(main())
 
 def test_model_loads_as_an_unprivileged_user_from_read_only_files(tmp_path):
     """As the Docker image runs it: a user who can write neither the code, the virtualenv and the
-    model (mounted read-only here) nor a home directory. A private mount namespace makes the
-    repository read-only for that process tree and lets the unprivileged user reach this
-    machine's Python (under /root) without changing anything outside."""
+    model nor a home directory. In a private mount namespace (nothing changes outside it) the
+    repository and the virtualenv are mounted read-only under /mnt, where the unprivileged user
+    can reach them whatever the permissions of the checkout's parents, and so is this machine's
+    Python if it lives somewhere that user cannot enter (/root)."""
     if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("setpriv"):
         message = "needs root, unshare and setpriv (util-linux) for a read-only mount and another user"
         if os.environ.get("CI"):
@@ -556,19 +557,24 @@ def test_model_loads_as_an_unprivileged_user_from_read_only_files(tmp_path):
         "print([w.word for w in pool.submit_final(pcm, 3.0).result().words])\n"
         "whisper_stt.shutdown()\n"
     )
-    python = Path(sys.prefix).resolve()  # the virtualenv, inside ROOT or elsewhere
+    venv = Path(sys.prefix)  # the virtualenv, inside ROOT or elsewhere
     base = Path(os.path.realpath(sys.executable)).parent.parent  # the interpreter it links to
+    # The first directory above the interpreter that other users cannot enter (/root here):
+    # covered by an empty tmpfs, in which only the interpreter is mounted again.
+    closed = next((d for d in reversed(base.parents) if not os.stat(d).st_mode & 0o001), None)
+    reopen = (f"mkdir -p {tmp_path}/base && mount --bind {base} {tmp_path}/base && "
+              f"mount -t tmpfs -o mode=755 tmpfs {closed} && mkdir -p {base} && mount --bind {tmp_path}/base {base}"
+              if closed else "true")
     script = f"""
         set -e
         mount --make-rprivate /
-        for dir in {ROOT} {python}; do mount --bind "$dir" "$dir"; mount -o remount,bind,ro "$dir"; done
-        if [ ! -x /root ] || [ "$(stat -c %a /root)" = 700 ]; then
-            mkdir -p {tmp_path}/base && mount --bind {base} {tmp_path}/base
-            mount -t tmpfs -o mode=755 tmpfs /root
-            mkdir -p {base} && mount --bind {tmp_path}/base {base}
-        fi
+        mount -t tmpfs -o mode=755 tmpfs /mnt
+        mkdir /mnt/app /mnt/venv
+        mount --bind {ROOT} /mnt/app && mount -o remount,bind,ro /mnt/app
+        mount --bind {venv} /mnt/venv && mount -o remount,bind,ro /mnt/venv
+        {reopen}
         cd /
-        exec setpriv --reuid=65534 --regid=65534 --clear-groups {sys.executable} -c "$1" {ROOT}
+        exec setpriv --reuid=65534 --regid=65534 --clear-groups /mnt/venv/bin/python -c "$1" /mnt/app
     """
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_STT_MODEL",)}
     env.update(HOME="/nonexistent")
