@@ -539,10 +539,10 @@ asyncio.run(main())
 
 def test_model_loads_as_an_unprivileged_user_from_read_only_files(tmp_path):
     """As the Docker image runs it: a user who can write neither the code, the virtualenv and the
-    model nor a home directory. In a private mount namespace (nothing changes outside it) the
-    repository and the virtualenv are mounted read-only under /mnt, where the unprivileged user
-    can reach them whatever the permissions of the checkout's parents, and so is this machine's
-    Python if it lives somewhere that user cannot enter (/root)."""
+    model nor a home directory. In a private mount namespace (nothing changes outside it) the code
+    (copied) and the virtualenv are mounted read-only under /mnt, where the unprivileged user can
+    reach them whatever the permissions of the checkout, and so is this machine's Python if it
+    lives somewhere that user cannot enter (/root)."""
     if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("setpriv"):
         message = "needs root, unshare and setpriv (util-linux) for a read-only mount and another user"
         if os.environ.get("CI"):
@@ -570,7 +570,8 @@ def test_model_loads_as_an_unprivileged_user_from_read_only_files(tmp_path):
         mount --make-rprivate /
         mount -t tmpfs -o mode=755 tmpfs /mnt
         mkdir /mnt/app /mnt/venv
-        mount --bind {ROOT} /mnt/app && mount -o remount,bind,ro /mnt/app
+        cp -r {ROOT}/*.py {ROOT}/whisper_stt {ROOT}/tests /mnt/app/
+        mount -o remount,ro /mnt
         mount --bind {venv} /mnt/venv && mount -o remount,bind,ro /mnt/venv
         {reopen}
         cd /
