@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 WORKERS = os.cpu_count() or 1
 MAX_PENDING_PER_WORKER = 3  # finals queued or running per worker before utterances are skipped
 OVERLOAD_LOG_INTERVAL = 5.0  # seconds between overload warnings
+START_TIMEOUT = 60.0  # for every worker to load the model
 
 decoded_total = Counter(
     "embedded_stt_decodes", "Utterance decodes by the embedded recogniser, by kind", ["kind"],
@@ -89,7 +91,9 @@ def _decode(pcm8: bytes, final: bool) -> Decoded:
     return _decoder.decode(pcm8, final=final)
 
 
-def _worker_pid() -> int:
+def _worker_pid(hold: float) -> int:
+    """Which worker ran this; held a moment, so that the next warm-up task goes to another."""
+    time.sleep(hold)
     return os.getpid()
 
 
@@ -120,14 +124,14 @@ def start(model_dir: Path, *, workers: int = WORKERS) -> None:
     shutdown()
     _model_dir, _workers = Path(model_dir), workers
     _pool = _new_pool()
-    # Each submit made while no worker is idle starts another worker, up to `workers`.
+    # Each submit made while no worker is idle starts another worker, up to `workers`; warm-up
+    # tasks go on until every worker has run one, i.e. has loaded the model.
     seen: set[int] = set()
-    for _ in range(3):
-        seen.update(f.result() for f in [_pool.submit(_worker_pid) for _ in range(workers)])
-        if len(seen) >= workers:
-            break
-    if not seen:
-        raise RuntimeError("no recogniser worker started")
+    deadline = time.monotonic() + START_TIMEOUT
+    while len(seen) < workers and time.monotonic() < deadline:
+        seen.update(f.result() for f in [_pool.submit(_worker_pid, 0.2) for _ in range(workers)])
+    if len(seen) < workers:
+        raise RuntimeError(f"only {len(seen)} of {workers} recogniser workers started in {START_TIMEOUT:.0f} s")
     log.info("recogniser pool: %d worker(s) loaded %s", len(seen), model_dir)
 
 
