@@ -508,6 +508,8 @@ class AgentCallResult:
     closed_at: float | None = None
     """When the server closed the socket (seconds since `connected`), if it did."""
     error: str | None = None
+    started_at: float = 0.0
+    """`time.monotonic()` when `connected` went out; the other times count from it."""
 
     def summary(self) -> str:
         played = sum(1 for b in self.heard if b != 0xFF) / SAMPLE_RATE
@@ -618,7 +620,7 @@ async def run_agent_call(url: str, audio: bytes, *, dtmf: list[tuple[float, str]
     result = AgentCallResult(stream.call_sid, stream.stream_sid, bytearray(), bytearray())
     options = CallOptions(inbound=audio, additional_headers=dict(additional_headers or {}), ssl_context=ssl_context)
     ws = await _open(url, options)
-    t0 = time.monotonic()
+    t0 = result.started_at = time.monotonic()
     player = TwilioPlayer(ws, stream, result, t0)
 
     async def read() -> None:

@@ -81,6 +81,7 @@ class AgentCall:
         self.hub = hub
         self.on_bad_frame = on_bad_frame
         self.started = time.monotonic()
+        self._loop = asyncio.get_running_loop()
         self.context = CallContext(start.callSid, start.streamSid, start.accountSid,
                                    dict(start.customParameters), _end_call=self._end_call_requested)
         prompt, missing = fill_placeholders(settings.agent_prompt, start.customParameters)
@@ -423,6 +424,10 @@ class AgentCall:
     # --- ending ------------------------------------------------------------------------------
 
     def _end_call_requested(self, reason: str) -> None:
+        """CallContext.end_call(): from a tool, maybe in a worker thread; acts on the event loop."""
+        self._loop.call_soon_threadsafe(self._end_call, reason)
+
+    def _end_call(self, reason: str) -> None:
         if self.end_reason or self._ending:
             return
         self.end_reason = reason or "requested by the agent"

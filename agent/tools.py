@@ -63,7 +63,9 @@ class CallContext:
     _end_call: Callable[[str], None] = field(default=lambda reason: None, repr=False, compare=False)
 
     def end_call(self, reason: str = "") -> None:
-        """Hang up once the agent's last words have been played (the bridge does it)."""
+        """Hang up once the agent's last words have been played (the bridge does it).
+
+        Safe to call from a sync tool's thread as well as from the event loop."""
         self._end_call(reason)
 
 
@@ -184,7 +186,7 @@ def _threads() -> ThreadPoolExecutor:
 # --- built-in tools --------------------------------------------------------------------------
 
 
-def end_call(call: CallContext, reason: str = "") -> str:
+async def end_call(call: CallContext, reason: str = "") -> str:
     """End the phone call. Say goodbye first: the call ends once your last words have been played.
 
     Args:

@@ -110,10 +110,11 @@ def check(message: dict, models: dict) -> str | None:
 
 
 def reply_audio(text: str, seconds: float | None = None) -> bytes:
-    """Deterministic agent speech for `text`: 60 ms per character unless `seconds` is given."""
-    n = int((seconds if seconds is not None else 0.06 * len(text)) * BYTES_PER_SECOND)
-    seed = zlib.crc32(text.encode())
-    return ((np.arange(n, dtype=np.int64) * 31 + seed) % 255).astype(np.uint8).tobytes()  # never 0xFF
+    """Deterministic agent speech for `text`: about 61 ms per character (491 bytes, so a reply is
+    rarely a whole number of 20 ms frames) unless `seconds` is given."""
+    n = int(seconds * BYTES_PER_SECOND) if seconds is not None else 491 * len(text)
+    rng = np.random.default_rng(zlib.crc32(text.encode()))
+    return rng.integers(0, 255, n, dtype=np.uint8).tobytes()  # never 0xFF, and no repeating pattern
 
 
 @dataclass
@@ -169,6 +170,7 @@ class FakeSession:
         self.closed = asyncio.Event()
         self.applied = asyncio.Event()
         self.call = -1  # the benchmark's call index, from "call N" in the prompt
+        self.faulted_at: float | None = None  # when an Error was sent or the connection dropped
         self._speaking: asyncio.Task | None = None
         self._pending: dict[str, asyncio.Future] = {}
         self._lock = asyncio.Lock()  # one reply at a time
@@ -244,10 +246,12 @@ class FakeSession:
             self._pending.pop(call_id, None)
 
     async def error(self, code: str = "INTERNAL_SERVER_ERROR", description: str = "Something went wrong") -> None:
+        self.faulted_at = time.monotonic()
         await self.send_json({"type": "Error", "code": code, "description": description})
         await self.ws.close(1011, "error")
 
     def drop(self) -> None:
+        self.faulted_at = time.monotonic()
         self.ws.transport.abort()
 
     async def garbage(self) -> None:
@@ -333,6 +337,7 @@ class FakeSession:
         if "call" in words and words.index("call") + 1 < len(words) and words[words.index("call") + 1].isdigit():
             self.call = int(words[words.index("call") + 1])
         if self.fake.faults.settings_error:
+            self.faulted_at = time.monotonic()
             await self.send_json({"type": "Error", "code": "INVALID_SETTINGS", "description": "think provider rejected"})
             await self.ws.close(1008, "invalid settings")
             return
@@ -411,6 +416,7 @@ class FakeAgent:
         self.sessions: list[FakeSession] = []
         self.refused: list[Headers] = []
         self._new = asyncio.Condition()
+        self._returned = 0  # sessions handed out by session()
         self._server = None
 
     @property
@@ -451,7 +457,8 @@ class FakeAgent:
 
     async def session(self, index: int | None = None, timeout: float = 10.0) -> FakeSession:
         """The session with this index (default: the next one not yet returned), once configured."""
-        index = len([s for s in self.sessions if s.settings is not None]) if index is None else index
+        if index is None:
+            index, self._returned = self._returned, self._returned + 1
         async with self._new:
             await asyncio.wait_for(self._new.wait_for(lambda: len(self.sessions) > index), timeout)
         session = self.sessions[index]
