@@ -20,7 +20,11 @@ Measured:
   arrival at each subscriber (p50/p99); growth of latency over the run;
 - RSS above the idle process per active call; saturation: N grows until latency grows;
 - a stalled-subscriber run; a soak run (fast pace, waves of calls) that counts asyncio tasks,
-  open fds and RSS from the proxy's /metrics before, during and after.
+  open fds and RSS from the proxy's /metrics before, during and after;
+- voice agents (`agent`): N calls on /agent against the fake Deepgram Voice Agent
+  (tests/fake_agent.py) speaking on a schedule, with barge-ins: server CPU per agent
+  call-minute, provider audio in -> Twilio media out and UserStartedSpeaking -> clear (p50/p99),
+  agent audio lost or reordered.
 
 Every time is CLOCK_MONOTONIC, comparable across these processes. Targets are printed as
 met/missed; nothing here is a test assertion.
@@ -802,6 +806,127 @@ def scenario_profile(b: Bench, rep: Report, n: int, seconds: float, out: Path) -
     rep.table(["function (inclusive)", "% samples"], incl)
 
 
+def scenario_agent(b: Bench, rep: Report, n: int, seconds: float) -> None:
+    """N concurrent agent calls on /agent against the fake Deepgram Voice Agent (tests/fake_agent.py).
+
+    The fake greets, then speaks a 2 s reply every 4 s (at twice real time, as TTS streams); each
+    caller speaks over every reply, alternately 0.6 s in (audio still arriving) and 1.4 s in (all
+    sent, still playing), so the fake sends UserStartedSpeaking and the server must `clear`. The
+    load generator plays Twilio: it echoes each mark when its audio would have played.
+    """
+    b.run_no += 1
+    d = b.tmp / f"run{b.run_no:02d}-agent-{n}"
+    d.mkdir()
+    procs: list[Proc] = []
+    every, reply_s = 4.0, 2.0
+    b.log(f"[bench] run {b.run_no}: agent calls N={n} {seconds:g} s")
+    try:
+        fake = Proc("fake-agent", [PY, str(ROOT / "tests" / "fake_agent.py"), "--port", "0", "--api-key", API_KEY,
+                                   "--reply-every", str(every), "--reply-seconds", str(reply_s), "--speed", "2",
+                                   "--dump", str(d / "fake.pickle")], log=d / "fake.log")
+        procs.append(fake)
+        fake_port = int(fake.expect("READY", 30).split()[1])
+        port = free_port()
+        env = b.server_env(port, free_port(), {  # the recogniser is never used: its URL can be dead
+            "DEEPGRAM_AGENT_URL": f"ws://127.0.0.1:{fake_port}/v1/agent/converse", "AGENT_PROVIDER": "deepgram",
+            "AGENT_PROMPT": "bench call {call}", "AGENT_GREETING": "Hello from the benchmark."})
+        server = Proc("proxy", [PY, str(ROOT / "server.py")], env=env, cwd=str(d), log=d / "server.log")
+        procs.append(server)
+        wait_http(port)
+        ticks = int(seconds * 1000 / FRAME_MS)
+        speech_at = [every * k + (0.6 if k % 2 else 1.4) for k in range(1, int(seconds / every))]
+        sids = [f"CAagent{b.run_no:02d}{i:06d}".ljust(34, "0")[:34] for i in range(n)]
+        cfg = {"url": f"ws://127.0.0.1:{port}/agent", "call_sids": sids, "ticks": ticks, "speech_at": speech_at,
+               "speech_seconds": 0.3, "out": str(d / "agent.pickle")}
+        (d / "agent.json").write_text(json.dumps(cfg))
+        lg = Proc("loadgen-agent", [PY, str(HERE / "loadgen.py"), "agent", str(d / "agent.json")],
+                  log=d / "agent.log", stdin=True)
+        procs.append(lg)
+        lg.expect("READY", 60 + n * 0.3)
+        lg.tell("GO")
+        t0 = float(lg.expect("T0", 10).split()[1])
+        w0, w1 = t0 + every, t0 + seconds - 0.5  # after the greeting, until the callers hang up
+        time.sleep(max(0.0, w0 - time.monotonic()))
+        c0 = proc_times(server.pid)
+        time.sleep(max(0.0, w1 - time.monotonic()))
+        c1 = proc_times(server.pid)
+        lg.expect("SENT", 60 + seconds)
+        lg.expect("DONE", 60)
+        server.stop()
+        fake.stop()
+        with open(d / "agent.pickle", "rb") as f:
+            calls = pickle.load(f)["calls"]
+        with open(d / "fake.pickle", "rb") as f:
+            sessions = {s["call"]: s for s in pickle.load(f)}
+    finally:
+        for p in reversed(procs):
+            p.kill()
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fake_agent import reply_audio
+
+    forward, barge, violations = [], [], 0
+    lost = checked = cut_chunks = no_clear = 0
+    for i, call in calls.items():
+        session = sessions.get(i)
+        if session is None:
+            lost += 1
+            continue
+        violations += len(session["violations"]) + len(call["bad"])
+        # Provider audio in -> Twilio media out: each chunk's first byte, found in what the caller got.
+        where: dict[str, list[tuple[int, float]]] = {}
+        for at, segment, offset, nbytes in call["media"]:
+            where.setdefault(segment, []).append((offset + nbytes, at))
+        for sent_at, reply, offset, _ in session["audio_chunks"]:
+            if not w0 <= sent_at <= w1:
+                continue
+            ends = where.get(f"r{reply}", [])
+            arrival = next((at for end, at in ends if end > offset), None)
+            if arrival is None:
+                cut_chunks += 1  # never sent on: dropped by a barge-in
+            else:
+                forward.append(arrival - sent_at)
+        # UserStartedSpeaking in -> clear out.
+        clears = np.frombuffer(call["clears"], dtype=np.float64)
+        for said in session["barge_ins"]:
+            later = clears[(clears >= said) & (clears < said + 1.0)]
+            if len(later):
+                barge.append(later[0] - said)
+            else:
+                no_clear += 1  # nothing was playing
+        # Bytes lost or reordered: each reply as received must be its audio (a prefix of it when cut).
+        for k, (text, length) in enumerate(session["replies"], start=1):
+            got = call["segments"].get(f"r{k}", b"")
+            audio = reply_audio(text)
+            if len(audio) != length:
+                audio = reply_audio(text, length / 8000)
+            want = audio + b"\xff" * (-len(audio) % 160)
+            checked += len(got)
+            if got != want[:len(got)]:
+                lost += sum(1 for x, y in zip(got, want) if x != y) + max(0, len(got) - len(want))
+    forward_a, barge_a = np.array(forward), np.array(barge)
+    cpu = sum(c1) - sum(c0)
+    minutes = n * (w1 - w0) / 60
+    rep.add(f"### Agent calls: N = {n} for {seconds:g} s, a 2 s reply every 4 s at 2x real time, a barge-in on each", "")
+    rep.table(["figure", "value"], [
+        ["server CPU per agent call-minute", f"{cpu / minutes:.2f} s ({cpu / (w1 - w0):.2f} cores for {n} calls)"],
+        ["provider audio in -> Twilio media out", f"p50 {pct(forward_a, 50):.2f} ms, p99 {pct(forward_a, 99):.2f} ms "
+                                                  f"({len(forward_a)} chunks; {cut_chunks} cut by barge-ins)"],
+        ["UserStartedSpeaking in -> clear out", f"p50 {pct(barge_a, 50):.2f} ms, p99 {pct(barge_a, 99):.2f} ms "
+                                                f"({len(barge_a)} barge-ins; {no_clear} with nothing playing)"],
+        ["agent audio checked", f"{checked / 8000:.0f} s, {lost} bytes lost or reordered"],
+        ["protocol violations (fake's checks + caller's)", str(violations)],
+    ])
+    rep.target(f"{n} concurrent agent calls on one process", f"{len(calls)} calls, {len(sessions)} sessions",
+               len(sessions) == n == len(calls))
+    rep.target("agent audio forwarding p99 ≤ 5 ms", f"{pct(forward_a, 99):.2f} ms", pct(forward_a, 99) <= 5)
+    rep.target("barge-in reaction (clear) p99 ≤ 5 ms", f"{pct(barge_a, 99):.2f} ms", pct(barge_a, 99) <= 5)
+    rep.target("agent audio: 0 bytes lost or reordered", str(lost), lost == 0 and violations == 0)
+    rep.data["agent"] = {"n": n, "seconds": seconds, "cpu_per_call_minute": cpu / minutes,
+                         "forward_p50_ms": pct(forward_a, 50), "forward_p99_ms": pct(forward_a, 99),
+                         "barge_p50_ms": pct(barge_a, 50), "barge_p99_ms": pct(barge_a, 99), "lost": lost,
+                         "violations": violations}
+
+
 def summary(r: RunResult) -> dict:
     g = growth_ms(r.dg_lat, r.dg_times)
     return {"n": r.spec.n, "subs": r.spec.subs, "seconds": r.spec.seconds, "pace": r.spec.pace,
@@ -816,7 +941,7 @@ def summary(r: RunResult) -> dict:
 
 # --- command line --------------------------------------------------------------------------------
 
-SCENARIOS = ("ratio", "fast", "latency", "fanout", "stalled", "saturation", "soak")
+SCENARIOS = ("ratio", "fast", "latency", "fanout", "stalled", "saturation", "soak", "agent")
 
 
 def ints(text: str) -> list[int]:
@@ -841,6 +966,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--saturation-ns", type=ints, help="N steps, stopping at the first that grows (default 100,150,200,250,300,400,500)")
     p.add_argument("--saturation-seconds", type=float, help="seconds per saturation step (default 20)")
     p.add_argument("--soak", default=None, help="CALLS,SECONDS,WAVES for the soak (default 100,120,3)")
+    p.add_argument("--agent", default=None, help="N,SECONDS for the agent-call run (default 100,60)")
     p.add_argument("--frame-ms", type=int, default=0, help="set DEEPGRAM_FRAME_MS for the server (default: its own)")
     p.add_argument("--window-ms", type=int, default=1000, help="fake Deepgram's result window (default 1000)")
     p.add_argument("--align-results", action="store_true",
@@ -875,6 +1001,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.saturation_ns = a.saturation_ns or ([100] if q else [100, 150, 200, 250, 300, 400, 500])
     a.saturation_seconds = a.saturation_seconds or (8 if q else 20)
     a.soak = ints(a.soak) if a.soak else ([20, 20, 3] if q else [100, 120, 3])
+    a.agent = ints(a.agent) if a.agent else ([20, 20] if q else [100, 60])
     return a
 
 
@@ -901,6 +1028,8 @@ def main(argv=None) -> int:
             scenario_saturation(bench, rep, args.saturation_ns, args.saturation_seconds)
         if "soak" in args.only:
             scenario_soak(bench, rep, *args.soak)
+        if "agent" in args.only:
+            scenario_agent(bench, rep, *args.agent)
         if args.profile:
             scenario_profile(bench, rep, args.n, max(args.seconds, 20), args.profile)
         failed = False

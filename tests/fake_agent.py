@@ -353,8 +353,6 @@ class FakeSession:
         greeting = settings["agent"].get("greeting")
         if self.script.greet and greeting:
             self.spawn(self._quietly(self.say(greeting)))
-        if self.script.reply_every:
-            self.spawn(self._quietly(self._timer()))
 
     async def _later(self, delay: float, coro, then=None) -> None:
         await asyncio.sleep(delay)
@@ -364,8 +362,9 @@ class FakeSession:
             then()
 
     async def _timer(self) -> None:
-        while True:
-            await asyncio.sleep(self.script.reply_every)
+        started = time.monotonic()
+        for k in itertools.count(1):
+            await asyncio.sleep(max(0.0, started + k * self.script.reply_every - time.monotonic()))
             if self._speaking is None:
                 self.spawn(self._quietly(self.say(f"Reply for call {self.call}.", self.script.reply_seconds)))
 
@@ -373,6 +372,8 @@ class FakeSession:
         if self.settings is None:
             self.violations.append("audio before Settings")
             return
+        if not self.audio and self.script.reply_every:  # replies on a timer from the caller's first audio
+            self.spawn(self._quietly(self._timer()))
         self.audio += audio
         if not (self.script.on_speech or self.script.reply_to_speech):
             return
