@@ -505,3 +505,31 @@ async def test_sigterm_ends_agent_calls_cleanly_and_exits_0(tmp_path):
     assert code == 0
     assert result.closed_by_server and result.close_code == 1001
     assert f"agent call ended callSid={result.call_sid}" in log and "outcome=shutdown" in log
+
+
+async def test_the_simulator_command_line_records_what_the_caller_heard(agents, tmp_path):
+    import wave
+
+    stack, fake = await agents(script=Script(greet=True, reply_to_text=True))
+    caller = tmp_path / "caller.wav"
+    with wave.open(str(caller), "wb") as out:  # 0.4 s of PCM16 silence at 16 kHz: converted by the simulator
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes(b"\x00\x00" * 6400)
+    heard = tmp_path / "heard.wav"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(__file__).resolve().parent.parent / "simulate.py"), "--agent", stack.url("/agent"),
+        str(caller), "--record", str(heard), "--dtmf", "7@0.2", "--tail", "0.6", stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0
+    call_sid, summary = out.decode().splitlines()
+    assert call_sid.startswith("CA") and summary.startswith(call_sid) and "clears 0, dtmf 1" in summary
+    with wave.open(str(heard)) as recording:
+        assert (recording.getnchannels(), recording.getframerate(), recording.getsampwidth()) == (1, 8000, 2)
+        pcm = np.frombuffer(recording.readframes(recording.getnframes()), dtype="<i2")
+    greeting = codec.ulaw_to_pcm16(reply_audio(GREETING))
+    assert greeting.tobytes() in pcm.tobytes()  # the greeting, then the reply to the keypress
+    assert codec.ulaw_to_pcm16(reply_audio("You said something.", 0.5)).tobytes() in pcm.tobytes()
+    assert fake.sessions[0].messages[0] == {"type": "InjectUserMessage",
+                                            "content": "The caller pressed 7 on the phone keypad."}
