@@ -47,7 +47,7 @@ from calls import Calls
 from config import ConfigError, Settings, configure_logging, load_settings
 from hub import EVERY_CALL, BadSubscription, Hub, Subscriber, parse_subscription
 from sendnow import send_now
-from twilio_events import BadEvent, Connected, Media, Start, Stop, Unknown, parse_event
+from twilio_events import BadEvent, Connected, Event, Media, Start, Stop, Unknown, parse_event
 from throttle import Throttle
 from upstream import DeepgramStream
 
@@ -197,12 +197,8 @@ class Proxy:
                     if before_start > MAX_MESSAGES_BEFORE_START:
                         await _close_draining(ws, CLOSE_POLICY_VIOLATION, "expected a Twilio start event")
                         break
-                try:
-                    if isinstance(message, bytes):
-                        raise BadEvent("binary_frame", "Twilio sends text frames only")
-                    event = parse_event(message)
-                except BadEvent as exc:
-                    self._bad_frame(call, exc, ws)
+                event = self._parse(message, call, ws)
+                if event is None:
                     continue
                 if isinstance(event, Media):
                     if call is None:
@@ -246,13 +242,7 @@ class Proxy:
                 if received > MAX_MESSAGES_BEFORE_START:
                     await _close_draining(ws, CLOSE_POLICY_VIOLATION, "expected a Twilio start event")
                     break
-                try:
-                    if isinstance(message, bytes):
-                        raise BadEvent("binary_frame", "Twilio sends text frames only")
-                    event = parse_event(message)
-                except BadEvent as exc:
-                    self._bad_frame(None, exc, ws)
-                    continue
+                event = self._parse(message, None, ws)
                 if isinstance(event, (Start, Stop)):
                     start = event if isinstance(event, Start) else None
                     break
@@ -269,7 +259,7 @@ class Proxy:
             start = self._without_call_token(start)
         metrics.twilio_streams_total.inc()
         call = AgentCall(ws, start, settings=self.settings, hub=self.hub, provider_factory=self.agent_factory,
-                         on_bad_frame=lambda call, exc: self._bad_frame(call, exc, ws))
+                         parse=lambda message, call: self._parse(message, call, ws))
         await self.agent_calls.run(call)
 
     def _call_token_valid(self, start: Start, ws: ServerConnection, path: str = "/twilio") -> bool:
@@ -286,6 +276,16 @@ class Proxy:
         """The start event minus the token, so subscribers never see it in `call_started`."""
         params = {k: v for k, v in start.customParameters.items() if k != self.settings.call_token_param}
         return dataclasses.replace(start, customParameters=params)
+
+    def _parse(self, message: str | bytes, call, ws: ServerConnection) -> Event | None:
+        """A Twilio message as an event, or None when it is unusable (then counted and logged)."""
+        try:
+            if isinstance(message, bytes):
+                raise BadEvent("binary_frame", "Twilio sends text frames only")
+            return parse_event(message)
+        except BadEvent as exc:
+            self._bad_frame(call, exc, ws)
+            return None
 
     def _bad_frame(self, call, exc: BadEvent, ws: ServerConnection) -> None:
         """Count it, log it (rate-limited per kind) and carry on with the call."""

@@ -54,7 +54,7 @@ from agent.tools import CallContext
 from config import Settings
 from hub import CallInfo, Hub
 from sendnow import send_now
-from twilio_events import BadEvent, Dtmf, Mark, Media, Start, Stop, Unknown, parse_event
+from twilio_events import Dtmf, Event, Mark, Media, Start, Stop, Unknown
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ DTMF_GAP = 1.0  # seconds without a key before the digits go to the agent ("#" s
 END_CALL_SETTLE = 1.5  # after end_call and a quiet line: time for a goodbye spoken after the tool result
 CLOSE_WAIT = 1.0  # seconds for Twilio to answer our close frame before the TCP connection is cut
 
-OnBadFrame = Callable[["AgentCall", BadEvent], None]
+# The server's parser: a Twilio message -> an event, or None once it has counted and logged a bad one.
+ParseTwilio = Callable[[str | bytes, "AgentCall"], Event | None]
 
 
 def _seconds(nbytes: int) -> float:
@@ -73,13 +74,13 @@ def _seconds(nbytes: int) -> float:
 
 class AgentCall:
     def __init__(self, ws: ServerConnection, start: Start, *, settings: Settings, hub: Hub,
-                 provider_factory: ProviderFactory, on_bad_frame: OnBadFrame):
+                 provider_factory: ProviderFactory, parse: ParseTwilio):
         self.ws = ws
         self.call_sid = start.callSid
         self.stream_sid = start.streamSid
         self.settings = settings
         self.hub = hub
-        self.on_bad_frame = on_bad_frame
+        self.parse = parse
         self.started = time.monotonic()
         self._loop = asyncio.get_running_loop()
         self.context = CallContext(start.callSid, start.streamSid, start.accountSid,
@@ -168,13 +169,7 @@ class AgentCall:
         """Caller audio to the provider; marks to the ledger; DTMF to the agent. Until the end."""
         try:
             async for message in self.ws:
-                try:
-                    if isinstance(message, bytes):
-                        raise BadEvent("binary_frame", "Twilio sends text frames only")
-                    event = parse_event(message)
-                except BadEvent as exc:
-                    self.on_bad_frame(self, exc)
-                    continue
+                event = self.parse(message, self)
                 if isinstance(event, Media):
                     if event.track == "inbound":
                         self.caller_bytes += len(event.payload)
@@ -186,7 +181,9 @@ class AgentCall:
                 elif isinstance(event, Stop):
                     break
                 elif isinstance(event, Start):
-                    self.on_bad_frame(self, BadEvent("repeated_start", "a second start on one socket"))
+                    metrics.bad_frames_total.labels("repeated_start").inc()
+                    self.count("repeated_start")
+                    log.warning("call %s: a second start on one socket, ignored", self.call_sid)
                 elif isinstance(event, Unknown):
                     metrics.twilio_events_total.labels("unknown").inc()
         except ConnectionClosed as exc:

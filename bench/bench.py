@@ -837,7 +837,7 @@ def scenario_agent(b: Bench, rep: Report, n: int, seconds: float) -> None:
         speech_at = [every * k + (0.6 if k % 2 else 1.4) for k in range(1, int(seconds / every))]
         sids = [f"CAagent{b.run_no:02d}{i:06d}".ljust(34, "0")[:34] for i in range(n)]
         cfg = {"url": f"ws://127.0.0.1:{port}/agent", "call_sids": sids, "ticks": ticks, "speech_at": speech_at,
-               "speech_seconds": 0.3, "out": str(d / "agent.pickle")}
+               "speech_seconds": 0.3, "spread_seconds": every, "out": str(d / "agent.pickle")}
         (d / "agent.json").write_text(json.dumps(cfg))
         lg = Proc("loadgen-agent", [PY, str(HERE / "loadgen.py"), "agent", str(d / "agent.json")],
                   log=d / "agent.log", stdin=True)
@@ -845,17 +845,20 @@ def scenario_agent(b: Bench, rep: Report, n: int, seconds: float) -> None:
         lg.expect("READY", 60 + n * 0.3)
         lg.tell("GO")
         t0 = float(lg.expect("T0", 10).split()[1])
-        w0, w1 = t0 + every, t0 + seconds - 0.5  # after the greeting, until the callers hang up
+        w0, w1 = t0 + every + 1.0, t0 + seconds - 0.5  # every call started, until the first hang up
         time.sleep(max(0.0, w0 - time.monotonic()))
         c0 = proc_times(server.pid)
         time.sleep(max(0.0, w1 - time.monotonic()))
         c1 = proc_times(server.pid)
-        lg.expect("SENT", 60 + seconds)
+        lg.expect("SENT", 60 + seconds + every)
         lg.expect("DONE", 60)
         server.stop()
         fake.stop()
         with open(d / "agent.pickle", "rb") as f:
-            calls = pickle.load(f)["calls"]
+            loadgen = pickle.load(f)
+        calls = loadgen["calls"]
+        lag = np.frombuffer(loadgen["lag"], dtype=np.float64)
+        lag_p99 = float(np.percentile(lag, 99)) * 1000 if len(lag) else float("nan")
         with open(d / "fake.pickle", "rb") as f:
             sessions = {s["call"]: s for s in pickle.load(f)}
     finally:
@@ -906,7 +909,8 @@ def scenario_agent(b: Bench, rep: Report, n: int, seconds: float) -> None:
     forward_a, barge_a = np.array(forward), np.array(barge)
     cpu = sum(c1) - sum(c0)
     minutes = n * (w1 - w0) / 60
-    rep.add(f"### Agent calls: N = {n} for {seconds:g} s, a 2 s reply every 4 s at 2x real time, a barge-in on each", "")
+    rep.add(f"### Agent calls: N = {n} for {seconds:g} s each (starts spread over {every:g} s), a {reply_s:g} s reply "
+            f"every {every:g} s at 2x real time, a barge-in on each; load generator lag p99 {lag_p99:.1f} ms", "")
     rep.table(["figure", "value"], [
         ["server CPU per agent call-minute", f"{cpu / minutes:.2f} s ({cpu / (w1 - w0):.2f} cores for {n} calls)"],
         ["provider audio in -> Twilio media out", f"p50 {pct(forward_a, 50):.2f} ms, p99 {pct(forward_a, 99):.2f} ms "

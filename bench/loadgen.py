@@ -411,10 +411,18 @@ async def run_agent(cfg: dict) -> None:
     print(f"T0 {t0!r}", flush=True)
     lag = array.array("d")
     period = FRAME_MS / 1000
-    for k in range(ticks):
-        base = t0 + k * period
-        payload = loud_b64 if k in speech else silence_b64
+    # Call i starts i/N of `spread_seconds` late, so the calls' replies and barge-ins are spread
+    # over time as in a real mix of calls, not all in the same 20 ms.
+    spread = round(cfg.get("spread_seconds", 0) * 50)
+    for c in callers:
+        c.sender.start_tick = c.index * spread // n
+    for g in range(ticks + spread):
+        base = t0 + g * period
         for c in callers:
+            k = g - c.sender.start_tick
+            if not 0 <= k < ticks:
+                continue
+            payload = loud_b64 if k in speech else silence_b64
             due = base + c.sender.offset_s
             now = time.monotonic()
             if due - now > 0.0005:
