@@ -73,6 +73,8 @@ def _seconds(nbytes: int) -> float:
 
 
 class AgentCall:
+    """One agent call: its Twilio socket, its provider session, its playback ledger; `run()` it."""
+
     def __init__(self, ws: ServerConnection, start: Start, *, settings: Settings, hub: Hub,
                  provider_factory: ProviderFactory, parse: ParseTwilio):
         self.ws = ws

@@ -14,7 +14,9 @@ Contract of an `AgentProvider`:
   (refused key, unreachable, settings rejected). Caller audio sent before or during `start()`
   is held (bounded) and sent once configured.
 - `events()` is an async iterator of the events below, read by one task of the bridge; it ends
-  when the session is over. A socket lost mid-call ends it with a fatal `ProviderError`.
+  when the session is over. A socket lost mid-call ends it with a fatal `ProviderError`. Audio
+  of a segment the caller interrupted (after `UserStartedSpeaking`) that still arrives from the
+  provider is dropped by the provider, not yielded: the bridge has already cleared Twilio.
 - `send_audio`, `send_user_text`, `send_tool_result`, `interrupted` never block: they write now
   or queue (bounded) for the provider's own writer.
 - `await close()` ends the session and frees everything; safe to call at any time, twice.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -182,6 +183,7 @@ async def test_keepalive_goes_out_while_no_caller_audio_does():
 async def test_barge_in_clears_twilio_and_the_caller_hears_only_what_played_before(agents):
     stack, fake = await agents(agent_greeting=LONG_GREETING)
     listener = await subscriber(stack)
+    before = await metric_values(stack.port)
     result = await run_agent_call(stack.url("/agent"), quiet(1.0) + tone(0.5) + quiet(0.3), tail=1.0)
     session = fake.sessions[0]
     greeting = reply_audio(LONG_GREETING)
@@ -213,6 +215,13 @@ async def test_barge_in_clears_twilio_and_the_caller_hears_only_what_played_befo
     assert ended["bargeIns"] == 1
     assert ended["playedSeconds"] == pytest.approx((heard + len(reply)) / 8000, abs=0.1)
     assert ended["playedSeconds"] < len(greeting) / 8000
+    after = await metric_values(stack.port)
+    grew = {name: after[name] - before.get(name, 0) for name in after if name.startswith("agent_")}
+    assert grew["agent_barge_ins_total"] == 1 and grew["agent_turns_total"] == 2
+    assert grew["agent_audio_sent_bytes_total"] == len(result.received)
+    assert grew["agent_audio_discarded_bytes_total"] == pytest.approx(barge["discardedSeconds"] * 8000, abs=2)
+    assert grew["agent_audio_played_bytes_total"] == pytest.approx(ended["playedSeconds"] * 8000, abs=2)
+    assert grew['agent_end_of_call_total{outcome="caller_hung_up"}'] == 1
 
 
 async def test_barge_in_while_the_reply_is_still_arriving_drops_what_was_not_sent(agents):
@@ -351,6 +360,7 @@ async def test_end_call_closes_the_socket_only_after_the_goodbye_has_played(agen
     (Faults(drop_after=1.0), "Deepgram connection lost: no close frame"),
 ], ids=["401", "settings-refused", "Error-mid-call", "dropped-mid-call"])
 async def test_a_failing_provider_closes_the_twilio_socket_within_2_s_and_says_why(agents, caplog, faults, message):
+    caplog.set_level(logging.INFO, logger="agent.bridge")
     stack, fake = await agents(faults=faults)
     listener = await subscriber(stack)
     before = await metric_values(stack.port)
@@ -367,6 +377,8 @@ async def test_a_failing_provider_closes_the_twilio_socket_within_2_s_and_says_w
     assert after['agent_end_of_call_total{outcome="failed"}'] - before.get('agent_end_of_call_total{outcome="failed"}', 0) == 1
     logged = [r for r in caplog.records if r.levelname == "ERROR" and result.call_sid in r.getMessage()]
     assert len(logged) == 1 and message in logged[0].getMessage()
+    assert any(f"agent call ended callSid={result.call_sid}" in r.getMessage() and "outcome=failed" in r.getMessage()
+               for r in caplog.records)
 
 
 async def test_an_unreachable_provider_fails_fast_with_its_reason(stacks):
@@ -393,6 +405,25 @@ async def test_garbage_from_the_provider_is_counted_and_the_call_goes_on(agents)
 
 
 # --- subscribers, isolation, protection, shutdown ------------------------------------------------------
+
+
+async def test_an_agent_line_that_comes_after_its_audio_still_belongs_to_that_reply(agents):
+    stack, fake = await agents(script=Script(greet=False))
+    listener = await subscriber(stack)
+    call = asyncio.create_task(run_agent_call(stack.url("/agent"), quiet(2.5), tail=1.0))
+    session = await fake.session()
+    audio = reply_audio("late line", 0.4)
+    await session.send_json({"type": "AgentStartedSpeaking", "total_latency": 0.5, "tts_latency": 0.2,
+                             "ttt_latency": 0.3})
+    await session.ws.send(audio)
+    await session.send_json({"type": "AgentAudioDone"})
+    await session.send_json({"type": "ConversationText", "role": "assistant", "content": "Sorry for the wait."})
+    await session.say("And this is the next reply.", 0.4)  # its line comes first, as Deepgram sends it
+    result = await call
+    lines = [e for e in of_type(await events_of(listener, result.call_sid), "conversation") if e["role"] == "agent"]
+    assert [(e["segment"], e["text"]) for e in lines] == [("r1", "Sorry for the wait."),
+                                                          ("r2", "And this is the next reply.")]
+    assert all("interrupted" not in e for e in lines)
 
 
 async def test_raw_subscribers_get_the_providers_conversation_text_verbatim(agents):
@@ -476,18 +507,20 @@ async def test_bad_twilio_messages_on_an_agent_stream_are_counted_and_the_call_g
         assert after[key] - before.get(key, 0) == 1
 
 
-async def test_sigterm_ends_agent_calls_cleanly_and_exits_0(tmp_path):
+async def test_sigterm_ends_agent_calls_cleanly_and_the_key_never_reaches_the_log(tmp_path):
     stt = LocalSTT(api_key=STT_KEY)
     await stt.start()
+    log_file = tmp_path / "server.log"  # a file, not a pipe: DEBUG output would fill a pipe nobody reads
     async with FakeAgent(STT_KEY) as fake:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         env = {**os.environ, "PROXY_URL": f"127.0.0.1:{port}", "DEEPGRAM_API_KEY": STT_KEY,
-               "DEEPGRAM_URL": f"{stt.url}?{LISTEN_QUERY}", "DEEPGRAM_AGENT_URL": fake.url, "LOG_LEVEL": "INFO"}
+               "DEEPGRAM_URL": f"{stt.url}?{LISTEN_QUERY}", "DEEPGRAM_AGENT_URL": fake.url, "LOG_LEVEL": "DEBUG"}
         server_py = Path(__file__).resolve().parent.parent / "server.py"
-        process = await asyncio.create_subprocess_exec(sys.executable, str(server_py), cwd=tmp_path, env=env,
-                                                       stderr=asyncio.subprocess.PIPE)
+        with log_file.open("w") as stderr:
+            process = await asyncio.create_subprocess_exec(sys.executable, str(server_py), cwd=tmp_path, env=env,
+                                                           stderr=stderr)
         try:
             await wait_for(lambda: _reachable(port), timeout=30, what="server up")
             call = asyncio.create_task(run_agent_call(f"ws://127.0.0.1:{port}/agent", quiet(10.0), tail=10.0))
@@ -496,15 +529,17 @@ async def test_sigterm_ends_agent_calls_cleanly_and_exits_0(tmp_path):
             process.send_signal(signal.SIGTERM)
             result = await asyncio.wait_for(call, 15)
             code = await asyncio.wait_for(process.wait(), 30)
-            log = (await process.stderr.read()).decode()
         finally:
             if process.returncode is None:
                 process.kill()
         await asyncio.wait_for(session.closed.wait(), 5)
     await stt.stop()
+    log = log_file.read_text()
     assert code == 0
     assert result.closed_by_server and result.close_code == 1001
     assert f"agent call ended callSid={result.call_sid}" in log and "outcome=shutdown" in log
+    assert "Authorization: Token [redacted]" in log  # the agent's handshake, still debuggable
+    assert STT_KEY not in log
 
 
 async def test_the_simulator_command_line_records_what_the_caller_heard(agents, tmp_path):
