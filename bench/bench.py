@@ -806,31 +806,69 @@ def scenario_profile(b: Bench, rep: Report, n: int, seconds: float, out: Path) -
     rep.table(["function (inclusive)", "% samples"], incl)
 
 
+AGENT_EVERY, AGENT_REPLY_SECONDS = 4.0, 2.0  # the fake agent's schedule
+
+
 def scenario_agent(b: Bench, rep: Report, n: int, seconds: float) -> None:
     """N concurrent agent calls on /agent against the fake Deepgram Voice Agent (tests/fake_agent.py).
 
     The fake greets, then speaks a 2 s reply every 4 s (at twice real time, as TTS streams); each
     caller speaks over every reply, alternately 0.6 s in (audio still arriving) and 1.4 s in (all
     sent, still playing), so the fake sends UserStartedSpeaking and the server must `clear`. The
-    load generator plays Twilio: it echoes each mark when its audio would have played.
+    load generator plays Twilio: it echoes each mark when its audio would have played. The same
+    load runs through a bare relay (bench/floor_agent.py) first: its latency is what this machine
+    adds whatever the server does.
     """
+    runs = {target: agent_run(b, target, n, seconds) for target in ("floor", "proxy")}
+    floor, proxy = runs["floor"], runs["proxy"]
+    rep.add(f"### Agent calls: N = {n} for {seconds:g} s each (starts spread over {AGENT_EVERY:g} s), a "
+            f"{AGENT_REPLY_SECONDS:g} s reply every {AGENT_EVERY:g} s at 2x real time, a barge-in on each", "")
+    rows = []
+    for name, r in runs.items():
+        rows.append([name, f"{r['cpu_per_call_minute']:.2f} s ({r['cores']:.2f} cores)",
+                     f"{r['forward_p50_ms']:.2f} / {r['forward_p99_ms']:.2f}", f"{r['barge_p50_ms']:.2f} / "
+                     f"{r['barge_p99_ms']:.2f}", f"{r['checked_seconds']:.0f} s, {r['lost']}", str(r["violations"]),
+                     f"{r['lag_p99_ms']:.1f}"])
+    rep.table(["target", "server CPU per call-minute", "provider audio -> media, p50 / p99 ms",
+               "UserStartedSpeaking -> clear, p50 / p99 ms", "audio checked, bytes lost or reordered",
+               "protocol violations", "load generator lag p99 ms"], rows)
+    rep.add(f"proxy: {proxy['chunks']} agent audio chunks timed, {proxy['barge_ins']} barge-ins "
+            f"({proxy['no_clear']} with nothing playing); floor = a bare relay with no framing, ledger or hub", "")
+    rep.target(f"{n} concurrent agent calls on one process", f"{proxy['calls']} calls, {proxy['sessions']} sessions",
+               proxy["sessions"] == n == proxy["calls"])
+    rep.target("agent audio forwarding p99 ≤ 5 ms", f"{proxy['forward_p99_ms']:.2f} ms (floor "
+               f"{floor['forward_p99_ms']:.2f} ms)", proxy["forward_p99_ms"] <= 5)
+    rep.target("barge-in reaction (clear) p99 ≤ 5 ms", f"{proxy['barge_p99_ms']:.2f} ms (floor "
+               f"{floor['barge_p99_ms']:.2f} ms)", proxy["barge_p99_ms"] <= 5)
+    rep.target("agent audio: 0 bytes lost or reordered", str(proxy["lost"]),
+               proxy["lost"] == 0 and proxy["violations"] == 0)
+    rep.data["agent"] = runs
+
+
+def agent_run(b: Bench, target: str, n: int, seconds: float) -> dict:
+    """One run of N agent calls through the server (`proxy`) or the bare relay (`floor`)."""
     b.run_no += 1
-    d = b.tmp / f"run{b.run_no:02d}-agent-{n}"
+    d = b.tmp / f"run{b.run_no:02d}-agent-{target}-{n}"
     d.mkdir()
     procs: list[Proc] = []
-    every, reply_s = 4.0, 2.0
-    b.log(f"[bench] run {b.run_no}: agent calls N={n} {seconds:g} s")
+    every = AGENT_EVERY
+    b.log(f"[bench] run {b.run_no}: agent calls, {target}, N={n} {seconds:g} s")
     try:
         fake = Proc("fake-agent", [PY, str(ROOT / "tests" / "fake_agent.py"), "--port", "0", "--api-key", API_KEY,
-                                   "--reply-every", str(every), "--reply-seconds", str(reply_s), "--speed", "2",
-                                   "--dump", str(d / "fake.pickle")], log=d / "fake.log")
+                                   "--reply-every", str(every), "--reply-seconds", str(AGENT_REPLY_SECONDS),
+                                   "--speed", "2", "--dump", str(d / "fake.pickle")], log=d / "fake.log")
         procs.append(fake)
         fake_port = int(fake.expect("READY", 30).split()[1])
+        agent_url = f"ws://127.0.0.1:{fake_port}/v1/agent/converse"
         port = free_port()
-        env = b.server_env(port, free_port(), {  # the recogniser is never used: its URL can be dead
-            "DEEPGRAM_AGENT_URL": f"ws://127.0.0.1:{fake_port}/v1/agent/converse", "AGENT_PROVIDER": "deepgram",
-            "AGENT_PROMPT": "bench call {call}", "AGENT_GREETING": "Hello from the benchmark."})
-        server = Proc("proxy", [PY, str(ROOT / "server.py")], env=env, cwd=str(d), log=d / "server.log")
+        if target == "floor":
+            server = Proc("floor-agent", [PY, str(HERE / "floor_agent.py"), "--port", str(port), "--agent-url",
+                                          agent_url, "--api-key", API_KEY], log=d / "floor.log")
+        else:
+            env = b.server_env(port, free_port(), {  # the recogniser is never used: its URL can be dead
+                "DEEPGRAM_AGENT_URL": agent_url, "AGENT_PROVIDER": "deepgram",
+                "AGENT_PROMPT": "bench call {call}", "AGENT_GREETING": "Hello from the benchmark."})
+            server = Proc("proxy", [PY, str(ROOT / "server.py")], env=env, cwd=str(d), log=d / "server.log")
         procs.append(server)
         wait_http(port)
         ticks = int(seconds * 1000 / FRAME_MS)
@@ -856,23 +894,25 @@ def scenario_agent(b: Bench, rep: Report, n: int, seconds: float) -> None:
         fake.stop()
         with open(d / "agent.pickle", "rb") as f:
             loadgen = pickle.load(f)
-        calls = loadgen["calls"]
-        lag = np.frombuffer(loadgen["lag"], dtype=np.float64)
-        lag_p99 = float(np.percentile(lag, 99)) * 1000 if len(lag) else float("nan")
         with open(d / "fake.pickle", "rb") as f:
             sessions = {s["call"]: s for s in pickle.load(f)}
     finally:
         for p in reversed(procs):
             p.kill()
+    return agent_figures(loadgen, sessions, w0, w1, sum(c1) - sum(c0), n)
+
+
+def agent_figures(loadgen: dict, sessions: dict, w0: float, w1: float, cpu: float, n: int) -> dict:
+    """Latencies and losses of an agent run, from the load generator's and the fake's records."""
     sys.path.insert(0, str(ROOT / "tests"))
     from fake_agent import reply_audio
 
+    calls = loadgen["calls"]
     forward, barge, violations = [], [], 0
     lost = checked = cut_chunks = no_clear = 0
     for i, call in calls.items():
         session = sessions.get(i)
         if session is None:
-            lost += 1
             continue
         violations += len(session["violations"]) + len(call["bad"])
         # Provider audio in -> Twilio media out: each chunk's first byte, found in what the caller got.
@@ -882,8 +922,7 @@ def scenario_agent(b: Bench, rep: Report, n: int, seconds: float) -> None:
         for sent_at, reply, offset, _ in session["audio_chunks"]:
             if not w0 <= sent_at <= w1:
                 continue
-            ends = where.get(f"r{reply}", [])
-            arrival = next((at for end, at in ends if end > offset), None)
+            arrival = next((at for end, at in where.get(f"r{reply}", []) if end > offset), None)
             if arrival is None:
                 cut_chunks += 1  # never sent on: dropped by a barge-in
             else:
@@ -907,28 +946,13 @@ def scenario_agent(b: Bench, rep: Report, n: int, seconds: float) -> None:
             if got != want[:len(got)]:
                 lost += sum(1 for x, y in zip(got, want) if x != y) + max(0, len(got) - len(want))
     forward_a, barge_a = np.array(forward), np.array(barge)
-    cpu = sum(c1) - sum(c0)
-    minutes = n * (w1 - w0) / 60
-    rep.add(f"### Agent calls: N = {n} for {seconds:g} s each (starts spread over {every:g} s), a {reply_s:g} s reply "
-            f"every {every:g} s at 2x real time, a barge-in on each; load generator lag p99 {lag_p99:.1f} ms", "")
-    rep.table(["figure", "value"], [
-        ["server CPU per agent call-minute", f"{cpu / minutes:.2f} s ({cpu / (w1 - w0):.2f} cores for {n} calls)"],
-        ["provider audio in -> Twilio media out", f"p50 {pct(forward_a, 50):.2f} ms, p99 {pct(forward_a, 99):.2f} ms "
-                                                  f"({len(forward_a)} chunks; {cut_chunks} cut by barge-ins)"],
-        ["UserStartedSpeaking in -> clear out", f"p50 {pct(barge_a, 50):.2f} ms, p99 {pct(barge_a, 99):.2f} ms "
-                                                f"({len(barge_a)} barge-ins; {no_clear} with nothing playing)"],
-        ["agent audio checked", f"{checked / 8000:.0f} s, {lost} bytes lost or reordered"],
-        ["protocol violations (fake's checks + caller's)", str(violations)],
-    ])
-    rep.target(f"{n} concurrent agent calls on one process", f"{len(calls)} calls, {len(sessions)} sessions",
-               len(sessions) == n == len(calls))
-    rep.target("agent audio forwarding p99 ≤ 5 ms", f"{pct(forward_a, 99):.2f} ms", pct(forward_a, 99) <= 5)
-    rep.target("barge-in reaction (clear) p99 ≤ 5 ms", f"{pct(barge_a, 99):.2f} ms", pct(barge_a, 99) <= 5)
-    rep.target("agent audio: 0 bytes lost or reordered", str(lost), lost == 0 and violations == 0)
-    rep.data["agent"] = {"n": n, "seconds": seconds, "cpu_per_call_minute": cpu / minutes,
-                         "forward_p50_ms": pct(forward_a, 50), "forward_p99_ms": pct(forward_a, 99),
-                         "barge_p50_ms": pct(barge_a, 50), "barge_p99_ms": pct(barge_a, 99), "lost": lost,
-                         "violations": violations}
+    lag = np.frombuffer(loadgen["lag"], dtype=np.float64)
+    return {"calls": len(calls), "sessions": len(sessions), "cpu_s": cpu, "cores": cpu / (w1 - w0),
+            "cpu_per_call_minute": cpu / (n * (w1 - w0) / 60), "forward_p50_ms": pct(forward_a, 50),
+            "forward_p99_ms": pct(forward_a, 99), "chunks": len(forward_a), "cut_chunks": cut_chunks,
+            "barge_p50_ms": pct(barge_a, 50), "barge_p99_ms": pct(barge_a, 99), "barge_ins": len(barge_a),
+            "no_clear": no_clear, "checked_seconds": checked / 8000, "lost": lost, "violations": violations,
+            "lag_p99_ms": float(np.percentile(lag, 99)) * 1000 if len(lag) else float("nan")}
 
 
 def summary(r: RunResult) -> dict:
