@@ -117,9 +117,9 @@ class Proxy:
             return connection.respond(http.HTTPStatus.NOT_FOUND, "unknown path; use /twilio, /agent or /client\n")
         if path in ("/twilio", "/agent") and not self.ready:
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
-        if path == "/agent" and self.agent_factory is None:
-            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "no agent provider is configured\n")
         refusal = self._authenticate(connection, request, path)
+        if refusal is None and path == "/agent" and self.agent_factory is None:
+            refusal = connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "no agent provider is configured\n")
         return refusal if refusal is not None else self._admit(connection, path)
 
     # --- who may connect (README "Security"), checked before the upgrade --------------------
