@@ -26,6 +26,7 @@ from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import connect
 
 import codec
+from agent.bridge import END_CALL_SETTLE
 from agent.deepgram import DeepgramAgent, settings_message
 from agent.playback import FRAME_BYTES
 from agent.provider import AgentSetup
@@ -191,17 +192,17 @@ async def test_barge_in_clears_twilio_and_the_caller_hears_only_what_played_befo
     # time): the clear must still come, because it was still playing.
     done_at = next(t for t, text in session.sent if '"AgentAudioDone"' in text)
     assert done_at < session.barge_ins[0]
-    assert len(result.clears) == 1 and 1.0 < result.clears[0] < 1.5
+    assert len(result.clears) == 1 and 1.0 < result.clears[0] < 2.0
     heard = prefix_heard(bytes(result.heard), greeting)
-    assert 0.8 * 8000 < heard < 1.5 * 8000  # about 1 s of the 5 s greeting, then nothing more of it
+    assert 0.8 * 8000 < heard < 2.0 * 8000  # about 1 s of the 5 s greeting, then nothing more of it
     assert greeting[heard:heard + 1600] not in bytes(result.heard)
     assert result.violations == [] and session.violations == []
 
     events = await events_of(listener, result.call_sid)
     barge = of_type(events, "barge_in")[0]
     assert barge["segment"] == "r1"
-    assert barge["heardSeconds"] == pytest.approx(heard / 8000, abs=0.08)  # the ledger's estimate
-    assert barge["discardedSeconds"] == pytest.approx((len(padded(greeting)) - heard) / 8000, abs=0.08)
+    assert barge["heardSeconds"] == pytest.approx(heard / 8000, abs=0.15)  # the ledger's estimate
+    assert barge["discardedSeconds"] == pytest.approx((len(padded(greeting)) - heard) / 8000, abs=0.15)
     cut = [e for e in of_type(events, "conversation") if e["role"] == "agent"][0]
     words = LONG_GREETING.split()
     expected = " ".join(words[:len(words) * int(barge["heardSeconds"] * 8000) // len(greeting)])
@@ -213,14 +214,14 @@ async def test_barge_in_clears_twilio_and_the_caller_hears_only_what_played_befo
     ended = of_type(events, "call_ended")[0]["agent"]
     reply = padded(reply_audio("You said something.", 0.5))
     assert ended["bargeIns"] == 1
-    assert ended["playedSeconds"] == pytest.approx((heard + len(reply)) / 8000, abs=0.1)
+    assert ended["playedSeconds"] == pytest.approx((heard + len(reply)) / 8000, abs=0.2)
     assert ended["playedSeconds"] < len(greeting) / 8000
     after = await metric_values(stack.port)
     grew = {name: after[name] - before.get(name, 0) for name in after if name.startswith("agent_")}
     assert grew["agent_barge_ins_total"] == 1 and grew["agent_turns_total"] == 2
     assert grew["agent_audio_sent_bytes_total"] == len(result.received)
-    assert grew["agent_audio_discarded_bytes_total"] == pytest.approx(barge["discardedSeconds"] * 8000, abs=2)
-    assert grew["agent_audio_played_bytes_total"] == pytest.approx(ended["playedSeconds"] * 8000, abs=2)
+    assert grew["agent_audio_discarded_bytes_total"] == pytest.approx(barge["discardedSeconds"] * 8000, abs=4)  # seconds to 3 decimals
+    assert grew["agent_audio_played_bytes_total"] == pytest.approx(ended["playedSeconds"] * 8000, abs=4)
     assert grew['agent_end_of_call_total{outcome="caller_hung_up"}'] == 1
 
 
@@ -231,11 +232,11 @@ async def test_barge_in_while_the_reply_is_still_arriving_drops_what_was_not_sen
     greeting = reply_audio(LONG_GREETING)
     assert len(result.clears) == 1
     heard = prefix_heard(bytes(result.heard), greeting)
-    assert heard < 1.5 * 8000
+    assert heard < 2.0 * 8000
     # At twice real time about 2 s of audio had been sent; the rest never left the fake or the server.
     assert len(result.received) < len(greeting)
     events = await events_of(listener, result.call_sid)
-    assert of_type(events, "barge_in")[0]["heardSeconds"] == pytest.approx(heard / 8000, abs=0.08)
+    assert of_type(events, "barge_in")[0]["heardSeconds"] == pytest.approx(heard / 8000, abs=0.15)
     assert result.violations == []
 
 
@@ -344,7 +345,7 @@ async def test_end_call_closes_the_socket_only_after_the_goodbye_has_played(agen
     assert audio in bytes(result.heard)  # heard to the end
     last_mark = result.echoed[-1][0]
     assert result.closed_at >= last_mark
-    assert result.closed_at < last_mark + 2.0  # then promptly
+    assert result.closed_at < last_mark + END_CALL_SETTLE + 1.5  # then promptly
     events = await events_of(listener, result.call_sid)
     ended = of_type(events, "call_ended")[0]
     assert ended["endOfCall"] == "end_call" and ended["endReason"] == "caller is done"
