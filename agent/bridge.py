@@ -227,7 +227,7 @@ class AgentCall:
         elif isinstance(event, ToolCallRequest):
             self._on_tool_call(event)
         elif isinstance(event, Latency):
-            self.publish({"type": "latency", "turn": self.figures["turns"], "seconds": dict(event.seconds)})
+            self.publish({"type": "latency", "segment": event.segment, "seconds": dict(event.seconds)})
         elif isinstance(event, Usage):
             self.tokens = dict(event.tokens)
             self.publish({"type": "usage", "tokens": self.tokens})

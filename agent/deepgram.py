@@ -311,7 +311,7 @@ class DeepgramAgent:
             if kind == "AgentStartedSpeaking":
                 self._open_segment()
                 return [Latency({"total": float(data["total_latency"]), "llm": float(data["ttt_latency"]),
-                                 "tts": float(data["tts_latency"])})]
+                                 "tts": float(data["tts_latency"])}, self._segment)]
             if kind == "AgentAudioDone":
                 segment, self._segment = self._segment, None
                 return [AgentAudioDone(segment)] if segment is not None else []
@@ -329,7 +329,7 @@ class DeepgramAgent:
                 names = {"total_latency": "total", "stt_latency": "stt", "ttt_token_latency": "llm",
                          "tts_latency": "tts"}
                 return [Latency({short: float(data[key]) for key, short in names.items()
-                                 if isinstance(data.get(key), (int, float))})]
+                                 if isinstance(data.get(key), (int, float))}, self._segment or self._last_segment)]
             if kind == "AgentThinking":
                 self._muted = False
                 return []

@@ -78,9 +78,11 @@ class ToolCallRequest:
 
 @dataclass(frozen=True, slots=True)
 class Latency:
-    """A turn's timing in seconds, by stage: total, stt, llm, tts (those the provider reports)."""
+    """A turn's timing in seconds, by stage: total, stt, llm, tts (those the provider reports),
+    and the segment (reply) it led to, when known."""
 
     seconds: Mapping[str, float]
+    segment: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

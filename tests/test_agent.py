@@ -122,6 +122,9 @@ async def test_the_greeting_reaches_the_caller_byte_exact_in_20_ms_frames_with_m
     line = of_type(events, "conversation")[0]
     assert (line["role"], line["text"], line["segment"]) == ("agent", GREETING, "r1")
     assert "interrupted" not in line
+    assert [(e["segment"], e["seconds"]) for e in of_type(events, "latency")] == [
+        ("r1", {"total": 0.42, "llm": 0.3, "tts": 0.12}),  # AgentStartedSpeaking
+        ("r1", {"total": 0.52, "stt": 0.1, "llm": 0.3, "tts": 0.12})]  # LatencyReport
     ended = of_type(events, "call_ended")[0]
     assert ended["endOfCall"] == "caller_hung_up"
     assert ended["agent"]["playedSeconds"] == pytest.approx(len(padded(greeting)) / 8000, abs=0.001)
