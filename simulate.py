@@ -774,7 +774,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog=USAGE_NOTES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("url", metavar="URL", help="ws:// or wss:// URL of the /twilio (or, with --agent, /agent) endpoint")
+    parser.add_argument("url", metavar="URL",
+                        help="ws:// or wss:// URL of the /twilio (or, with --agent, /agent) endpoint")
     parser.add_argument("audio", metavar="AUDIO", nargs="*", type=Path, help="WAV or raw mu-law file(s)")
     parser.add_argument("--raw", action="store_true", help="AUDIO files are headerless 8 kHz mu-law")
     parser.add_argument("--track", choices=["inbound", "outbound", "both"], help="which leg(s) to send")

@@ -36,7 +36,8 @@ provider_audio_dropped_bytes = Counter(
     registry=REGISTRY,
 )
 provider_errors_total = Counter(
-    "agent_provider_errors", "Errors and warnings from agent providers, by provider and fatality", ["provider", "fatal"],
+    "agent_provider_errors", "Errors and warnings from agent providers, by provider and fatality",
+    ["provider", "fatal"],
     registry=REGISTRY,
 )
 provider_bad_messages = Counter(

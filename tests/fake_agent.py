@@ -338,7 +338,8 @@ class FakeSession:
             self.call = int(words[words.index("call") + 1])
         if self.fake.faults.settings_error:
             self.faulted_at = time.monotonic()
-            await self.send_json({"type": "Error", "code": "INVALID_SETTINGS", "description": "think provider rejected"})
+            await self.send_json({"type": "Error", "code": "INVALID_SETTINGS",
+                                  "description": "think provider rejected"})
             await self.ws.close(1008, "invalid settings")
             return
         await self.send_json({"type": "SettingsApplied"})
@@ -445,7 +446,8 @@ class FakeAgent:
         if status is None:
             return None
         self.refused.append(request.headers)
-        response = connection.respond(http.HTTPStatus(status), '{"err_code":"INVALID_AUTH","err_msg":"Invalid credentials."}')
+        response = connection.respond(http.HTTPStatus(status),
+                                      '{"err_code":"INVALID_AUTH","err_msg":"Invalid credentials."}')
         response.headers["dg-error"] = "Invalid credentials."
         response.headers["dg-request-id"] = str(uuid.uuid4())
         return response

@@ -223,7 +223,8 @@ async def test_barge_in_clears_twilio_and_the_caller_hears_only_what_played_befo
     grew = {name: after[name] - before.get(name, 0) for name in after if name.startswith("agent_")}
     assert grew["agent_barge_ins_total"] == 1 and grew["agent_turns_total"] == 2
     assert grew["agent_audio_sent_bytes_total"] == len(result.received)
-    assert grew["agent_audio_discarded_bytes_total"] == pytest.approx(barge["discardedSeconds"] * 8000, abs=4)  # seconds to 3 decimals
+    # (the events give seconds to 3 decimals: 8 bytes)
+    assert grew["agent_audio_discarded_bytes_total"] == pytest.approx(barge["discardedSeconds"] * 8000, abs=4)
     assert grew["agent_audio_played_bytes_total"] == pytest.approx(ended["playedSeconds"] * 8000, abs=4)
     assert grew['agent_end_of_call_total{outcome="caller_hung_up"}'] == 1
 
@@ -311,7 +312,8 @@ async def test_tools_run_and_one_that_raises_or_hangs_becomes_an_error_for_the_m
     assert json.loads(responses[0]["content"]) == {"order": "A17", "status": "shipped", "tenant": "acme"}
     assert json.loads(responses[1]["content"]) == {"error": "broken failed: RuntimeError: database down"}
     assert json.loads(responses[2]["content"]) == {"error": "hangs did not answer within 0.3 s"}
-    assert "order_id: Field required; order: Extra inputs are not permitted" in json.loads(responses[3]["content"])["error"]
+    assert ("order_id: Field required; order: Extra inputs are not permitted"
+            in json.loads(responses[3]["content"])["error"])
     assert all(set(r) == {"type", "id", "name", "content"} for r in responses) and session.violations == []
     # The call went on: the reply after the hung tool was heard.
     hung_reply = [audio for text, audio in session.replies if text.startswith("Hung")][0]
@@ -378,7 +380,8 @@ async def test_a_failing_provider_closes_the_twilio_socket_within_2_s_and_says_w
     ended = of_type(events, "call_ended")[0]
     assert ended["endOfCall"] == "failed" and ended["error"] == error["message"]
     after = await metric_values(stack.port)
-    assert after['agent_end_of_call_total{outcome="failed"}'] - before.get('agent_end_of_call_total{outcome="failed"}', 0) == 1
+    failed = 'agent_end_of_call_total{outcome="failed"}'
+    assert after[failed] - before.get(failed, 0) == 1
     logged = [r for r in caplog.records if r.levelname == "ERROR" and result.call_sid in r.getMessage()]
     assert len(logged) == 1 and message in logged[0].getMessage()
     assert any(f"agent call ended callSid={result.call_sid}" in r.getMessage() and "outcome=failed" in r.getMessage()
@@ -466,7 +469,8 @@ async def test_two_agent_calls_at_once_stay_isolated(agents):
 
 
 async def test_agent_streams_need_twilios_signature_and_the_call_token_like_twilio_streams(agents):
-    stack, fake = await agents(twilio_auth_token=AUTH_TOKEN, public_url=PUBLIC_URL, call_token="call-token-2b7e9a4c1f6d")
+    stack, fake = await agents(twilio_auth_token=AUTH_TOKEN, public_url=PUBLIC_URL,
+                               call_token="call-token-2b7e9a4c1f6d")
     status, _, _ = await refusal(stack.url("/agent"))
     assert status == 403
     status, _, _ = await refusal(stack.url("/agent"), {"X-Twilio-Signature": sign(PUBLIC_URL + "/twilio")})
