@@ -9,6 +9,7 @@ Every variable here is listed in the README's configuration table.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -18,12 +19,20 @@ from typing import Mapping
 from urllib.parse import parse_qs, urlsplit
 
 import security
+from agent.tools import ToolError, ToolRegistry, load_tools
 
 DEFAULT_DEEPGRAM_URL = (
     "wss://api.deepgram.com/v1/listen?model=nova-3&encoding=mulaw&sample_rate=8000"
     "&channels=2&multichannel=true&interim_results=true&punctuate=true"
 )
 ENGINES = ("auto", "deepgram", "whisper", "deterministic")
+AGENT_PROVIDERS = ("auto", "deepgram", "embedded")
+DEFAULT_DEEPGRAM_AGENT_URL = "wss://agent.deepgram.com/v1/agent/converse"
+DEFAULT_AGENT_PROMPT = (
+    "You are a friendly phone assistant. Keep every answer short and plain: the caller hears it, "
+    "and can interrupt you. When the caller says goodbye, say goodbye and call end_call."
+)
+DEFAULT_AGENT_GREETING = "Hello! How can I help you today?"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -69,6 +78,23 @@ class Settings:
     ping_interval: float = 20.0  # keepalive pings to every peer
     ping_timeout: float = 20.0  # a peer that does not answer a ping in time is closed (1011)
     max_subscriber_messages: int = 100  # messages a subscriber may send after subscribing
+    # --- voice agents on /agent (README "Voice agents") ---
+    agent_provider: str = "auto"  # resolved by `agent_backend` below
+    deepgram_agent_url: str = DEFAULT_DEEPGRAM_AGENT_URL
+    agent_prompt: str = DEFAULT_AGENT_PROMPT  # {placeholders} filled from a call's customParameters
+    agent_greeting: str = DEFAULT_AGENT_GREETING
+    agent_provider_settings: Mapping = field(default_factory=dict, hash=False)  # AGENT_SETTINGS_FILE
+    agent_tools: ToolRegistry = field(default_factory=lambda: load_tools(None), repr=False, compare=False)
+    agent_tool_timeout: float = 5.0  # seconds a tool may run before the model gets an error
+    agent_end_call_wait: float = 10.0  # end_call: longest wait for the goodbye to be played
+    agent_connect_timeout: float = 5.0  # opening and configuring the provider's session
+
+    @property
+    def agent_backend(self) -> str:
+        """The agent provider in use: Deepgram when a key is set (or asked for), else the embedded one."""
+        if self.agent_provider != "auto":
+            return self.agent_provider
+        return "deepgram" if self.deepgram_api_key else "embedded"
 
     @property
     def engine(self) -> str:
@@ -177,6 +203,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         keepalive_seconds=_number(env, "DEEPGRAM_KEEPALIVE_SECONDS", 4.0, 0.5, 9.0, float),
         shutdown_timeout=_number(env, "SHUTDOWN_TIMEOUT", 30.0, 0.0, 3600.0, float),
         **_security_settings(env, host),
+        **_agent_settings(env, api_key),
     )
 
 
@@ -224,6 +251,61 @@ def _security_settings(env: Mapping[str, str], host: str) -> dict:
         ping_timeout=_number(env, "PING_TIMEOUT", 20.0, 0.1, 600.0, float),
         max_subscriber_messages=_number(env, "MAX_SUBSCRIBER_MESSAGES", 100, 0, 1_000_000),
     )
+
+
+# --- voice agents (README "Voice agents") ----------------------------------------------------
+
+
+def _agent_settings(env: Mapping[str, str], deepgram_api_key: str | None) -> dict:
+    provider = (env.get("AGENT_PROVIDER") or "auto").strip().lower()
+    if provider not in AGENT_PROVIDERS:
+        raise ConfigError("AGENT_PROVIDER", f"must be one of {', '.join(AGENT_PROVIDERS)}, got {provider!r}")
+    if provider == "deepgram" and not deepgram_api_key:
+        raise ConfigError("DEEPGRAM_API_KEY", "AGENT_PROVIDER=deepgram needs a Deepgram API key")
+    url = (env.get("DEEPGRAM_AGENT_URL") or DEFAULT_DEEPGRAM_AGENT_URL).strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.netloc:
+        raise ConfigError("DEEPGRAM_AGENT_URL", f"expected a ws:// or wss:// URL, got {url!r}")
+
+    prompt = env.get("AGENT_PROMPT") or None
+    prompt_file = env.get("AGENT_PROMPT_FILE") or None
+    if prompt and prompt_file:
+        raise ConfigError("AGENT_PROMPT_FILE", "set AGENT_PROMPT or AGENT_PROMPT_FILE, not both")
+    if prompt_file:
+        prompt = _text_file("AGENT_PROMPT_FILE", prompt_file)
+    provider_settings = {}
+    settings_file = env.get("AGENT_SETTINGS_FILE") or None
+    if settings_file:
+        try:
+            provider_settings = json.loads(_text_file("AGENT_SETTINGS_FILE", settings_file))
+        except ValueError as exc:
+            raise ConfigError("AGENT_SETTINGS_FILE", f"{settings_file} is not valid JSON: {exc}") from None
+        if not isinstance(provider_settings, dict):
+            raise ConfigError("AGENT_SETTINGS_FILE", f"{settings_file} must hold a JSON object")
+    try:
+        tools = load_tools((env.get("AGENT_TOOLS") or "").strip() or None)
+    except ToolError as exc:
+        raise ConfigError("AGENT_TOOLS", str(exc)) from None
+
+    return dict(
+        agent_provider=provider,
+        deepgram_agent_url=url,
+        agent_prompt=(prompt or DEFAULT_AGENT_PROMPT).strip(),
+        agent_greeting=(env.get("AGENT_GREETING") or DEFAULT_AGENT_GREETING).strip(),
+        agent_provider_settings=provider_settings,
+        agent_tools=tools,
+        agent_tool_timeout=_number(env, "AGENT_TOOL_TIMEOUT", 5.0, 0.1, 600.0, float),
+        agent_end_call_wait=_number(env, "AGENT_END_CALL_WAIT", 10.0, 0.0, 120.0, float),
+        agent_connect_timeout=_number(env, "AGENT_CONNECT_TIMEOUT", 5.0, 0.5, 60.0, float),
+    )
+
+
+def _text_file(name: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(name, f"cannot read {path}: {exc}") from None
 
 
 def _public_url(value: str | None) -> str | None:

@@ -40,9 +40,14 @@ class CallInfo:
     tracks: tuple[str, ...]
     customParameters: dict[str, str] = field(default_factory=dict)
     startTime: str = ""  # ISO 8601, UTC
+    mode: str = "transcription"  # or "agent" (a voice agent on /agent)
+    provider: str = ""  # an agent call's provider ("deepgram", "embedded", ...)
 
     def event(self) -> str:
-        return json.dumps({"type": "call_started", **asdict(self)})
+        fields = asdict(self)
+        if not fields["provider"]:
+            del fields["provider"]
+        return json.dumps({"type": "call_started", **fields})
 
 
 class Subscriber:

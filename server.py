@@ -5,6 +5,7 @@
 One `websockets` server, two websocket routes and three plain HTTP ones:
 - /twilio   a Twilio <Stream>: events are parsed (twilio_events), each call's two legs mixed
             (audio) and streamed to the recogniser (upstream), all owned by a `Call` (calls).
+- /agent    a Twilio <Connect><Stream>: a voice agent answers the caller (agent/bridge.py).
 - /client   subscribers (hub): the tutorial's raw protocol, or JSON mode for programs.
 - /healthz, /readyz, /metrics   liveness, readiness (false while shutting down), Prometheus.
 
@@ -39,11 +40,14 @@ from websockets.protocol import State
 import metrics
 import security
 import tuning
+from agent.bridge import AgentCall, AgentCalls
+from agent.deepgram import DeepgramAgent
+from agent.provider import ProviderFactory
 from calls import Calls
 from config import ConfigError, Settings, configure_logging, load_settings
 from hub import EVERY_CALL, BadSubscription, Hub, Subscriber, parse_subscription
 from sendnow import send_now
-from twilio_events import BadEvent, Connected, Media, Start, Stop, Unknown, parse_event
+from twilio_events import BadEvent, Connected, Event, Media, Start, Stop, Unknown, parse_event
 from throttle import Throttle
 from upstream import DeepgramStream
 
@@ -66,16 +70,19 @@ MAX_MESSAGES_BEFORE_START = 50
 
 
 class Proxy:
-    def __init__(self, settings: Settings, upstream_url: str, upstream_key: str):
+    def __init__(self, settings: Settings, upstream_url: str, upstream_key: str,
+                 agent_factory: ProviderFactory | None = None):
         self.settings = settings
         self.upstream_url = upstream_url
         self.upstream_key = upstream_key
+        self.agent_factory = agent_factory  # None: no agent provider, /agent answers 503
         self.hub = Hub()
         self.calls = Calls(settings, self.hub, self._new_upstream)
+        self.agent_calls = AgentCalls()
         self.ready = True
         self._bad_frame_throttles: defaultdict[str, Throttle] = defaultdict(lambda: Throttle(BAD_FRAME_LOG_INTERVAL))
         # Connections admitted per route, for MAX_CALLS / MAX_SUBSCRIBERS (see `_admit`).
-        self._admitted: dict[str, set[ServerConnection]] = {"/twilio": set(), "/client": set()}
+        self._admitted: dict[str, set[ServerConnection]] = {"/twilio": set(), "/agent": set(), "/client": set()}
 
     def _new_upstream(self, call_sid, on_message, on_error) -> DeepgramStream:
         s = self.settings
@@ -106,19 +113,21 @@ class Proxy:
             body = metrics.render()
             headers = Headers({"Content-Type": "text/plain; version=0.0.4", "Content-Length": str(len(body))})
             return Response(http.HTTPStatus.OK, "OK", headers, body)
-        if path not in ("/twilio", "/client"):
-            return connection.respond(http.HTTPStatus.NOT_FOUND, "unknown path; use /twilio or /client\n")
-        if path == "/twilio" and not self.ready:
+        if path not in ("/twilio", "/agent", "/client"):
+            return connection.respond(http.HTTPStatus.NOT_FOUND, "unknown path; use /twilio, /agent or /client\n")
+        if path in ("/twilio", "/agent") and not self.ready:
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
         refusal = self._authenticate(connection, request, path)
+        if refusal is None and path == "/agent" and self.agent_factory is None:
+            refusal = connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "no agent provider is configured\n")
         return refusal if refusal is not None else self._admit(connection, path)
 
     # --- who may connect (README "Security"), checked before the upgrade --------------------
 
     def _authenticate(self, connection: ServerConnection, request: Request, path: str) -> Response | None:
-        """403 for /twilio without Twilio's signature, 401 for /client without a token; else None."""
+        """403 for /twilio and /agent without Twilio's signature, 401 for /client without a token."""
         s = self.settings
-        if path == "/twilio" and s.twilio_auth_token:
+        if path in ("/twilio", "/agent") and s.twilio_auth_token:
             url = s.public_url + request.path  # the URL Twilio signed, not what the Host header says
             signature = security.single_header(request.headers, "X-Twilio-Signature")
             if signature is None:
@@ -155,9 +164,11 @@ class Proxy:
         handshake completed.
         """
         admitted = self._admitted[path] = {c for c in self._admitted[path] if c.state is not State.CLOSED}
-        limit, name, label = ((self.settings.max_calls, "MAX_CALLS", "calls") if path == "/twilio"
+        limit, name, label = ((self.settings.max_calls, "MAX_CALLS", "calls") if path != "/client"
                               else (self.settings.max_subscribers, "MAX_SUBSCRIBERS", "subscribers"))
-        if len(admitted) >= limit:
+        # Transcription and agent streams share MAX_CALLS.
+        others = len(self._admitted["/agent" if path == "/twilio" else "/twilio"]) if path != "/client" else 0
+        if len(admitted) + others >= limit:
             metrics.limit_refusals_total.labels(label).inc()
             log.warning("refused %s from %s: %s=%d connections already open", path, _peer(connection), name, limit)
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
@@ -166,8 +177,11 @@ class Proxy:
         return None
 
     async def handler(self, ws: ServerConnection) -> None:
-        if urlsplit(ws.request.path).path == "/twilio":
+        path = urlsplit(ws.request.path).path
+        if path == "/twilio":
             await self.handle_twilio(ws)
+        elif path == "/agent":
+            await self.handle_agent(ws)
         else:
             await self.handle_client(ws)
 
@@ -183,12 +197,8 @@ class Proxy:
                     if before_start > MAX_MESSAGES_BEFORE_START:
                         await _close_draining(ws, CLOSE_POLICY_VIOLATION, "expected a Twilio start event")
                         break
-                try:
-                    if isinstance(message, bytes):
-                        raise BadEvent("binary_frame", "Twilio sends text frames only")
-                    event = parse_event(message)
-                except BadEvent as exc:
-                    self._bad_frame(call, exc, ws)
+                event = self._parse(message, call, ws)
+                if event is None:
                     continue
                 if isinstance(event, Media):
                     if call is None:
@@ -221,13 +231,44 @@ class Proxy:
             if call is not None:
                 await self.calls.leave(call, ws)
 
-    def _call_token_valid(self, start: Start, ws: ServerConnection) -> bool:
+    # --- /agent ----------------------------------------------------------------------------
+
+    async def handle_agent(self, ws: ServerConnection) -> None:
+        """A <Connect><Stream>: wait for its `start`, then its `AgentCall` owns the socket."""
+        start, received = None, 0
+        try:
+            async for message in ws:
+                received += 1
+                if received > MAX_MESSAGES_BEFORE_START:
+                    await _close_draining(ws, CLOSE_POLICY_VIOLATION, "expected a Twilio start event")
+                    break
+                event = self._parse(message, None, ws)
+                if isinstance(event, (Start, Stop)):
+                    start = event if isinstance(event, Start) else None
+                    break
+                if isinstance(event, Media):
+                    self._bad_frame(None, BadEvent("media_before_start", "media before start"), ws)
+        except ConnectionClosed:
+            return
+        if start is None:
+            return
+        if self.settings.call_token:
+            if not self._call_token_valid(start, ws, "/agent"):
+                await _close_draining(ws, CLOSE_POLICY_VIOLATION, "missing or invalid call token")
+                return
+            start = self._without_call_token(start)
+        metrics.twilio_streams_total.inc()
+        call = AgentCall(ws, start, settings=self.settings, hub=self.hub, provider_factory=self.agent_factory,
+                         parse=lambda message, call: self._parse(message, call, ws))
+        await self.agent_calls.run(call)
+
+    def _call_token_valid(self, start: Start, ws: ServerConnection, path: str = "/twilio") -> bool:
         """CALL_TOKEN: the <Parameter> in the TwiML must carry the shared token (a second check,
         for deployments where PUBLIC_URL cannot be pinned and signatures cannot be checked)."""
         presented = start.customParameters.get(self.settings.call_token_param)
         if presented is not None and security.token_valid(presented, [self.settings.call_token]):
             return True
-        self._auth_failed(ws, "/twilio", "call_token",
+        self._auth_failed(ws, path, "call_token",
                           f"start for {start.callSid} without the <Parameter name={self.settings.call_token_param!r}>")
         return False
 
@@ -235,6 +276,16 @@ class Proxy:
         """The start event minus the token, so subscribers never see it in `call_started`."""
         params = {k: v for k, v in start.customParameters.items() if k != self.settings.call_token_param}
         return dataclasses.replace(start, customParameters=params)
+
+    def _parse(self, message: str | bytes, call, ws: ServerConnection) -> Event | None:
+        """A Twilio message as an event, or None when it is unusable (then counted and logged)."""
+        try:
+            if isinstance(message, bytes):
+                raise BadEvent("binary_frame", "Twilio sends text frames only")
+            return parse_event(message)
+        except BadEvent as exc:
+            self._bad_frame(call, exc, ws)
+            return None
 
     def _bad_frame(self, call, exc: BadEvent, ws: ServerConnection) -> None:
         """Count it, log it (rate-limited per kind) and carry on with the call."""
@@ -333,7 +384,8 @@ class Proxy:
     async def drain(self) -> None:
         """Not ready any more; finish every call's end-of-call sequence (bounded)."""
         self.ready = False
-        await self.calls.close_all(self.settings.shutdown_timeout)
+        await asyncio.gather(self.calls.close_all(self.settings.shutdown_timeout),
+                             self.agent_calls.close_all(self.settings.shutdown_timeout))
         self.hub.shutdown()
 
 
@@ -393,6 +445,33 @@ async def start_recogniser(settings: Settings, stack: AsyncExitStack) -> tuple[s
     return urlunsplit(urlsplit(stt.url)._replace(query=query)), key
 
 
+async def start_agent(settings: Settings, stack: AsyncExitStack) -> ProviderFactory | None:
+    """The agent provider for /agent: Deepgram's Voice Agent, or the embedded Deepgram-compatible
+    agent started in-process on loopback (one code path, as with local_stt for transcription)."""
+    if settings.agent_backend == "deepgram":
+        url, key = settings.deepgram_agent_url, settings.deepgram_api_key
+        log.info("voice agent: Deepgram at %s", urlsplit(url).netloc)
+    else:
+        try:
+            from agent.embedded import EmbeddedAgent
+        except ModuleNotFoundError as exc:  # the embedded agent is built on its own branch (issue 12)
+            log.warning("voice agent: the embedded agent is not part of this build (%s); /agent answers 503 "
+                        "until DEEPGRAM_API_KEY is set", exc)
+            return None
+        key = secrets.token_urlsafe(24)
+        backend = await stack.enter_async_context(EmbeddedAgent(host="127.0.0.1", port=0, api_key=key,
+                                                                settings=settings))
+        url = backend.url
+        why = "AGENT_PROVIDER is set" if settings.agent_provider != "auto" else "DEEPGRAM_API_KEY is not set"
+        log.info("voice agent: embedded on %s (%s)", url, why)
+
+    def provider(setup):
+        return DeepgramAgent(setup, url=url, api_key=key, name=settings.agent_backend,
+                             connect_timeout=settings.agent_connect_timeout)
+
+    return provider
+
+
 async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future | None = None) -> None:
     """Serve until `stop` is set, then shut down gracefully.
 
@@ -400,7 +479,7 @@ async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future |
     """
     async with AsyncExitStack() as stack:
         url, key = await start_recogniser(settings, stack)
-        proxy = Proxy(settings, url, key)
+        proxy = Proxy(settings, url, key, await start_agent(settings, stack))
         metrics.CALL_FIGURES.sources.add(proxy.calls.figures)  # live per-call counters on /metrics
         stack.callback(metrics.CALL_FIGURES.sources.discard, proxy.calls.figures)
         server = await stack.enter_async_context(serve(
@@ -415,12 +494,12 @@ async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future |
         ))
         port = server.sockets[0].getsockname()[1]
         scheme = "wss" if settings.tls else "ws"
-        log.info("listening on %s://%s:%d (/twilio, /client, /healthz, /readyz, /metrics)",
+        log.info("listening on %s://%s:%d (/twilio, /agent, /client, /healthz, /readyz, /metrics)",
                  scheme, settings.host, port)
         if started is not None:
             started.set_result((port, proxy))
         await stop.wait()
-        log.info("shutting down: finishing %d calls in progress", len(proxy.calls))
+        log.info("shutting down: finishing %d calls in progress", len(proxy.calls) + len(proxy.agent_calls))
         await proxy.drain()  # /readyz and new /twilio upgrades answer 503 meanwhile
         server.close()
         try:

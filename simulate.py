@@ -34,6 +34,8 @@ import secrets
 import ssl
 import sys
 import time
+import wave
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -471,6 +473,228 @@ async def run_calls(url: str, options_list: list[CallOptions]) -> list[CallResul
 
 
 # --------------------------------------------------------------------------------------------
+# Agent calls: the caller's side of a <Connect><Stream>, with Twilio's player
+
+SILENCE_FRAME = b"\xff" * 160
+ALLOWED_SHAPES = {  # what the server may send on a bidirectional stream (protocols.md A.3), exactly
+    "media": {"event", "streamSid", "media"},
+    "mark": {"event", "streamSid", "mark"},
+    "clear": {"event", "streamSid"},
+}
+
+
+@dataclass
+class AgentCallResult:
+    """What the simulated caller heard and what the server sent it."""
+
+    call_sid: str
+    stream_sid: str
+    heard: bytearray
+    """The agent audio as the caller heard it, 8 kHz mu-law from the start of the stream, with
+    silence (0xFF) wherever nothing was playing."""
+    received: bytearray
+    """Every `media` payload, concatenated in arrival order (what the server sent)."""
+    messages: list[tuple[float, dict]] = field(default_factory=list)
+    """Every message from the server with its arrival time (seconds since `connected`)."""
+    echoed: list[tuple[float, str]] = field(default_factory=list)
+    """Marks echoed back: (time, name)."""
+    clears: list[float] = field(default_factory=list)
+    dtmf: list[tuple[float, str]] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    """Server messages that are not exactly a `media`, `mark` or `clear` of this stream."""
+    close_code: int | None = None
+    close_reason: str = ""
+    closed_by_server: bool = False
+    closed_at: float | None = None
+    """When the server closed the socket (seconds since `connected`), if it did."""
+    error: str | None = None
+    started_at: float = 0.0
+    """`time.monotonic()` when `connected` went out; the other times count from it."""
+
+    def summary(self) -> str:
+        played = sum(1 for b in self.heard if b != 0xFF) / SAMPLE_RATE
+        ending = (f"server closed at {self.closed_at:.2f} s ({self.close_code} {self.close_reason!r})"
+                  if self.closed_by_server else "caller ended")
+        return (f"{self.call_sid} agent audio received {len(self.received) / SAMPLE_RATE:.2f} s, heard "
+                f"{played:.2f} s in {len(self.heard) / SAMPLE_RATE:.2f} s, marks echoed {len(self.echoed)}, "
+                f"clears {len(self.clears)}, dtmf {len(self.dtmf)}, {ending}"
+                + (f", {len(self.violations)} protocol violations" if self.violations else ""))
+
+
+class TwilioPlayer:
+    """Twilio's playback of a bidirectional stream: what the server sends is queued and played at
+    real time, 20 ms per tick; a mark is echoed once everything before it has played (at once if
+    nothing is queued); `clear` drops the queue and echoes its pending marks at once."""
+
+    def __init__(self, ws: ClientConnection, stream: TwilioStream, result: AgentCallResult, t0: float):
+        self.ws, self.stream, self.result, self.t0 = ws, stream, result, t0
+        self.queue: deque[bytes | str] = deque()  # audio (bytes) and mark names (str), in order
+        self.queued_audio = 0
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    async def on_message(self, text: str | bytes) -> None:
+        try:
+            message = json.loads(text)
+        except ValueError:
+            message = None
+        event = message.get("event") if isinstance(message, dict) else None
+        if event not in ALLOWED_SHAPES or set(message) != ALLOWED_SHAPES[event] \
+                or message["streamSid"] != self.stream.stream_sid:
+            self.result.violations.append(f"unexpected message: {str(text)[:120]}")
+            return
+        self.result.messages.append((self.now(), message))
+        if event == "media":
+            media = message["media"]
+            if not isinstance(media, dict) or set(media) != {"payload"}:
+                self.result.violations.append(f"media with fields {sorted(media)}")
+                return
+            audio = base64.b64decode(media["payload"])
+            self.result.received += audio
+            self.queue.append(audio)
+            self.queued_audio += len(audio)
+        elif event == "mark":
+            mark = message["mark"]
+            if not isinstance(mark, dict) or set(mark) != {"name"}:
+                self.result.violations.append(f"mark with fields {sorted(mark)}")
+                return
+            self.queue.append(mark["name"])
+            await self.echo_ready()
+        else:
+            self.result.clears.append(self.now())
+            names = [item for item in self.queue if isinstance(item, str)]
+            self.queue.clear()
+            self.queued_audio = 0
+            for name in names:
+                await self.echo(name)
+
+    async def echo(self, name: str) -> None:
+        self.result.echoed.append((self.now(), name))
+        await self.ws.send(_compact({"event": "mark", "sequenceNumber": str(self.stream.sequence + 1),
+                                     "streamSid": self.stream.stream_sid, "mark": {"name": name}}))
+        self.stream.sequence += 1
+
+    async def echo_ready(self) -> None:
+        """Echo the marks at the head of the queue: everything before them has played."""
+        while self.queue and isinstance(self.queue[0], str):
+            await self.echo(self.queue.popleft())
+
+    def take(self, n: int) -> bytes:
+        """The next `n` bytes to play (silence where the queue runs dry)."""
+        out = bytearray()
+        while len(out) < n and self.queue and isinstance(self.queue[0], bytes):
+            audio = self.queue.popleft()
+            need = n - len(out)
+            if len(audio) > need:
+                self.queue.appendleft(audio[need:])
+                audio = audio[:need]
+            out += audio
+            self.queued_audio -= len(audio)
+        return bytes(out) + b"\xff" * (n - len(out))
+
+    def idle(self) -> bool:
+        return not self.queue
+
+
+def _agent_sends(audio: bytes, dtmf: list[tuple[float, str]]) -> list[tuple[float, str, bytes | str]]:
+    """The caller's schedule: 20 ms media frames of `audio`, and keypresses at their times."""
+    sends: list[tuple[float, str, bytes | str]] = [
+        (i / 50, "media", audio[i * 160:(i + 1) * 160]) for i in range((len(audio) + 159) // 160)]
+    for at, digits in dtmf:
+        sends += [(at + k * 0.1, "dtmf", digit) for k, digit in enumerate(digits)]
+    return sorted(sends, key=lambda s: s[0])
+
+
+async def run_agent_call(url: str, audio: bytes, *, dtmf: list[tuple[float, str]] = (), tail: float = 4.0,
+                         max_seconds: float = 120.0, hangup: bool = False, params: dict[str, str] | None = None,
+                         call_sid: str | None = None, additional_headers: dict[str, str] | None = None,
+                         ssl_context: ssl.SSLContext | None = None) -> AgentCallResult:
+    """Play the caller of an agent call against a /agent URL, in real time.
+
+    The caller's `audio` is streamed as inbound media; afterwards silence is streamed until
+    nothing has played for `tail` seconds (the agent has finished), the server closes the socket,
+    or `max_seconds` pass. Then `stop` (or, with `hangup`, a close without it).
+    """
+    stream = TwilioStream(call_sid=call_sid or new_sid("CA"), tracks=["inbound"], custom_parameters=dict(params or {}))
+    result = AgentCallResult(stream.call_sid, stream.stream_sid, bytearray(), bytearray())
+    options = CallOptions(inbound=audio, additional_headers=dict(additional_headers or {}), ssl_context=ssl_context)
+    ws = await _open(url, options)
+    t0 = result.started_at = time.monotonic()
+    player = TwilioPlayer(ws, stream, result, t0)
+
+    async def read() -> None:
+        try:
+            async for message in ws:
+                await player.on_message(message)
+        except ConnectionClosed:
+            pass
+        result.closed_at = time.monotonic() - t0
+
+    reader = asyncio.create_task(read())
+    schedule = deque(_agent_sends(audio, list(dtmf)))
+    audio_ticks = (len(audio) + 159) // 160
+    try:
+        await ws.send(stream.connected())
+        await ws.send(stream.start())
+        tick, quiet_since = 0, 0.0
+        while not reader.done():
+            now = tick / 50
+            while schedule and schedule[0][0] <= now:
+                _, kind, value = schedule.popleft()
+                if kind == "dtmf":
+                    result.dtmf.append((time.monotonic() - t0, value))
+                    await ws.send(_compact({"event": "dtmf", "sequenceNumber": str(stream.sequence + 1),
+                                            "streamSid": stream.stream_sid,
+                                            "dtmf": {"track": "inbound_track", "digit": value}}))
+                    stream.sequence += 1
+                else:
+                    await ws.send(stream.media("inbound", tick * 20, value))
+            if tick >= audio_ticks:
+                await ws.send(stream.media("inbound", tick * 20, SILENCE_FRAME))  # the line stays open
+            await player.echo_ready()
+            result.heard += player.take(160)  # this tick's 20 ms of playback
+            if not player.idle() or schedule:
+                quiet_since = now
+            if (not schedule and now - quiet_since >= tail) or now >= max_seconds:
+                break
+            tick += 1
+            delay = t0 + tick / 50 - time.monotonic()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(asyncio.shield(reader), delay)
+                except TimeoutError:
+                    pass
+        if reader.done():
+            result.closed_by_server = True
+        elif hangup:
+            await ws.close()
+        else:
+            await ws.send(stream.stop())
+            await ws.close()
+    except ConnectionClosed as exc:
+        received = exc.rcvd
+        result.closed_by_server = True
+        result.error = f"connection closed ({received.code} {received.reason!r})" if received else "connection lost"
+    finally:
+        ws.transport.abort()
+        await ws.wait_closed()
+        await reader
+    result.close_code, result.close_reason = ws.close_code, ws.close_reason or ""
+    logger.info("%s", result.summary())
+    return result
+
+
+def write_wav(path: Path, mulaw: bytes) -> None:
+    """8 kHz mono 16-bit PCM WAV of mu-law audio (what a media player opens)."""
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(SAMPLE_RATE)
+        out.writeframes(codec.ulaw_to_pcm16(mulaw).astype("<i2").tobytes())
+
+
+# --------------------------------------------------------------------------------------------
 # Command line
 
 RAW_SUFFIXES = {".ulaw", ".mulaw", ".ul", ".raw"}
@@ -495,6 +719,7 @@ examples:
   python simulate.py ws://127.0.0.1:8080/twilio
   python simulate.py wss://proxy.example.com/twilio caller.wav agent.wav --param tenant=acme
   python simulate.py ws://127.0.0.1:8080/twilio call.wav --fast --loss 0.05 --seed 7
+  python simulate.py --agent ws://127.0.0.1:5000/agent caller.wav --record heard.wav --dtmf 5@3.2
 """
 
 
@@ -549,7 +774,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog=USAGE_NOTES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("url", metavar="URL", help="ws:// or wss:// URL of the /twilio endpoint")
+    parser.add_argument("url", metavar="URL",
+                        help="ws:// or wss:// URL of the /twilio (or, with --agent, /agent) endpoint")
     parser.add_argument("audio", metavar="AUDIO", nargs="*", type=Path, help="WAV or raw mu-law file(s)")
     parser.add_argument("--raw", action="store_true", help="AUDIO files are headerless 8 kHz mu-law")
     parser.add_argument("--track", choices=["inbound", "outbound", "both"], help="which leg(s) to send")
@@ -576,8 +802,51 @@ def _parser() -> argparse.ArgumentParser:
     tls = parser.add_argument_group("wss://")
     tls.add_argument("--cafile", help="trust the CA certificates in this PEM file")
     tls.add_argument("--insecure", action="store_true", help="do not verify the server certificate")
+    agent = parser.add_argument_group("agent calls (<Connect><Stream> to /agent): AUDIO is the caller")
+    agent.add_argument("--agent", action="store_true", help="be the caller of a voice-agent call and play "
+                       "what the server sends at real time, echoing marks and honouring clear")
+    agent.add_argument("--record", type=Path, metavar="WAV", help="write what the caller heard (silence where "
+                       "nothing played) to this WAV file")
+    agent.add_argument("--dtmf", type=_keypress, action="append", default=[], metavar="DIGITS@S",
+                       help="press keys S seconds into the call, e.g. 5@3.2 or 1234#@8 (repeatable)")
+    agent.add_argument("--tail", type=float, default=4.0, metavar="S", help="after the caller's audio, stay "
+                       "on the line until nothing has played for S seconds (default 4)")
+    agent.add_argument("--max-seconds", type=float, default=120.0, metavar="S", help="hang up after S seconds")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     return parser
+
+
+def _keypress(text: str) -> tuple[float, str]:
+    digits, sep, at = text.partition("@")
+    try:
+        seconds = float(at)
+    except ValueError:
+        seconds = -1.0
+    if not sep or not digits or seconds < 0 or any(d not in "0123456789*#" for d in digits):
+        raise argparse.ArgumentTypeError("expected DIGITS@SECONDS, e.g. 5@3.2")
+    return seconds, digits
+
+
+def _agent_main(args: argparse.Namespace, legs: dict[str, bytes]) -> int:
+    """--agent: one caller, printed callSid first, then what was heard."""
+    call_sid = args.call_sid or new_sid("CA")
+    print(call_sid, flush=True)
+    audio = legs.get("inbound") or legs.get("outbound") or b""
+    try:
+        result = asyncio.run(run_agent_call(
+            args.url, audio, dtmf=args.dtmf, tail=args.tail, max_seconds=args.max_seconds, hangup=args.hangup,
+            params=dict(args.param), call_sid=call_sid, ssl_context=_ssl_context(args)))
+    except CallRefused as exc:
+        print(f"simulate.py: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    if args.record:
+        write_wav(args.record, bytes(result.heard))
+    print(result.summary())
+    for violation in result.violations:
+        print(f"simulate.py: {violation}", file=sys.stderr)
+    return 1 if result.violations or result.error else 0
 
 
 def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
@@ -636,6 +905,8 @@ def main(argv: list[str] | None = None) -> int:
         legs = _legs(args.audio, args.raw, args.track)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
+    if args.agent:
+        return _agent_main(args, legs)
     options_list = _call_options(args, legs)
     print("\n".join(options.call_sid for options in options_list), flush=True)
     try:

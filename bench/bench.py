@@ -20,7 +20,11 @@ Measured:
   arrival at each subscriber (p50/p99); growth of latency over the run;
 - RSS above the idle process per active call; saturation: N grows until latency grows;
 - a stalled-subscriber run; a soak run (fast pace, waves of calls) that counts asyncio tasks,
-  open fds and RSS from the proxy's /metrics before, during and after.
+  open fds and RSS from the proxy's /metrics before, during and after;
+- voice agents (`agent`): N calls on /agent against the fake Deepgram Voice Agent
+  (tests/fake_agent.py) speaking on a schedule, with barge-ins: server CPU per agent
+  call-minute, provider audio in -> Twilio media out and UserStartedSpeaking -> clear (p50/p99),
+  agent audio lost or reordered.
 
 Every time is CLOCK_MONOTONIC, comparable across these processes. Targets are printed as
 met/missed; nothing here is a test assertion.
@@ -802,6 +806,155 @@ def scenario_profile(b: Bench, rep: Report, n: int, seconds: float, out: Path) -
     rep.table(["function (inclusive)", "% samples"], incl)
 
 
+AGENT_EVERY, AGENT_REPLY_SECONDS = 4.0, 2.0  # the fake agent's schedule
+
+
+def scenario_agent(b: Bench, rep: Report, n: int, seconds: float) -> None:
+    """N concurrent agent calls on /agent against the fake Deepgram Voice Agent (tests/fake_agent.py).
+
+    The fake greets, then speaks a 2 s reply every 4 s (at twice real time, as TTS streams); each
+    caller speaks over every reply, alternately 0.6 s in (audio still arriving) and 1.4 s in (all
+    sent, still playing), so the fake sends UserStartedSpeaking and the server must `clear`. The
+    load generator plays Twilio: it echoes each mark when its audio would have played. The same
+    load runs through a bare relay (bench/floor_agent.py) first: its latency is what this machine
+    adds whatever the server does.
+    """
+    runs = {target: agent_run(b, target, n, seconds) for target in ("floor", "proxy")}
+    floor, proxy = runs["floor"], runs["proxy"]
+    rep.add(f"### Agent calls: N = {n} for {seconds:g} s each (starts spread over {AGENT_EVERY:g} s), a "
+            f"{AGENT_REPLY_SECONDS:g} s reply every {AGENT_EVERY:g} s at 2x real time, a barge-in on each", "")
+    rows = []
+    for name, r in runs.items():
+        rows.append([name, f"{r['cpu_per_call_minute']:.2f} s ({r['cores']:.2f} cores)",
+                     f"{r['forward_p50_ms']:.2f} / {r['forward_p99_ms']:.2f}", f"{r['barge_p50_ms']:.2f} / "
+                     f"{r['barge_p99_ms']:.2f}", f"{r['checked_seconds']:.0f} s, {r['lost']}", str(r["violations"]),
+                     f"{r['lag_p99_ms']:.1f}"])
+    rep.table(["target", "server CPU per call-minute", "provider audio -> media, p50 / p99 ms",
+               "UserStartedSpeaking -> clear, p50 / p99 ms", "audio checked, bytes lost or reordered",
+               "protocol violations", "load generator lag p99 ms"], rows)
+    rep.add(f"proxy: {proxy['chunks']} agent audio chunks timed, {proxy['barge_ins']} barge-ins "
+            f"({proxy['no_clear']} with nothing playing); floor = a bare relay with no framing, ledger or hub", "")
+    rep.target(f"{n} concurrent agent calls on one process", f"{proxy['calls']} calls, {proxy['sessions']} sessions",
+               proxy["sessions"] == n == proxy["calls"])
+    rep.target("agent audio forwarding p99 ≤ 5 ms", f"{proxy['forward_p99_ms']:.2f} ms (floor "
+               f"{floor['forward_p99_ms']:.2f} ms)", proxy["forward_p99_ms"] <= 5)
+    rep.target("barge-in reaction (clear) p99 ≤ 5 ms", f"{proxy['barge_p99_ms']:.2f} ms (floor "
+               f"{floor['barge_p99_ms']:.2f} ms)", proxy["barge_p99_ms"] <= 5)
+    rep.target("agent audio: 0 bytes lost or reordered", str(proxy["lost"]),
+               proxy["lost"] == 0 and proxy["violations"] == 0)
+    rep.data["agent"] = runs
+
+
+def agent_run(b: Bench, target: str, n: int, seconds: float) -> dict:
+    """One run of N agent calls through the server (`proxy`) or the bare relay (`floor`)."""
+    b.run_no += 1
+    d = b.tmp / f"run{b.run_no:02d}-agent-{target}-{n}"
+    d.mkdir()
+    procs: list[Proc] = []
+    every = AGENT_EVERY
+    b.log(f"[bench] run {b.run_no}: agent calls, {target}, N={n} {seconds:g} s")
+    try:
+        fake = Proc("fake-agent", [PY, str(ROOT / "tests" / "fake_agent.py"), "--port", "0", "--api-key", API_KEY,
+                                   "--reply-every", str(every), "--reply-seconds", str(AGENT_REPLY_SECONDS),
+                                   "--speed", "2", "--dump", str(d / "fake.pickle")], log=d / "fake.log")
+        procs.append(fake)
+        fake_port = int(fake.expect("READY", 30).split()[1])
+        agent_url = f"ws://127.0.0.1:{fake_port}/v1/agent/converse"
+        port = free_port()
+        if target == "floor":
+            server = Proc("floor-agent", [PY, str(HERE / "floor_agent.py"), "--port", str(port), "--agent-url",
+                                          agent_url, "--api-key", API_KEY], log=d / "floor.log")
+        else:
+            env = b.server_env(port, free_port(), {  # the recogniser is never used: its URL can be dead
+                "DEEPGRAM_AGENT_URL": agent_url, "AGENT_PROVIDER": "deepgram",
+                "AGENT_PROMPT": "bench call {call}", "AGENT_GREETING": "Hello from the benchmark."})
+            server = Proc("proxy", [PY, str(ROOT / "server.py")], env=env, cwd=str(d), log=d / "server.log")
+        procs.append(server)
+        wait_http(port)
+        ticks = int(seconds * 1000 / FRAME_MS)
+        speech_at = [every * k + (0.6 if k % 2 else 1.4) for k in range(1, int(seconds / every))]
+        sids = [f"CAagent{b.run_no:02d}{i:06d}".ljust(34, "0")[:34] for i in range(n)]
+        cfg = {"url": f"ws://127.0.0.1:{port}/agent", "call_sids": sids, "ticks": ticks, "speech_at": speech_at,
+               "speech_seconds": 0.3, "spread_seconds": every, "out": str(d / "agent.pickle")}
+        (d / "agent.json").write_text(json.dumps(cfg))
+        lg = Proc("loadgen-agent", [PY, str(HERE / "loadgen.py"), "agent", str(d / "agent.json")],
+                  log=d / "agent.log", stdin=True)
+        procs.append(lg)
+        lg.expect("READY", 60 + n * 0.3)
+        lg.tell("GO")
+        t0 = float(lg.expect("T0", 10).split()[1])
+        w0, w1 = t0 + every + 1.0, t0 + seconds - 0.5  # every call started, until the first hang up
+        time.sleep(max(0.0, w0 - time.monotonic()))
+        c0 = proc_times(server.pid)
+        time.sleep(max(0.0, w1 - time.monotonic()))
+        c1 = proc_times(server.pid)
+        lg.expect("SENT", 60 + seconds + every)
+        lg.expect("DONE", 60)
+        server.stop()
+        fake.stop()
+        with open(d / "agent.pickle", "rb") as f:
+            loadgen = pickle.load(f)
+        with open(d / "fake.pickle", "rb") as f:
+            sessions = {s["call"]: s for s in pickle.load(f)}
+    finally:
+        for p in reversed(procs):
+            p.kill()
+    return agent_figures(loadgen, sessions, w0, w1, sum(c1) - sum(c0), n)
+
+
+def agent_figures(loadgen: dict, sessions: dict, w0: float, w1: float, cpu: float, n: int) -> dict:
+    """Latencies and losses of an agent run, from the load generator's and the fake's records."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fake_agent import reply_audio
+
+    calls = loadgen["calls"]
+    forward, barge, violations = [], [], 0
+    lost = checked = cut_chunks = no_clear = 0
+    for i, call in calls.items():
+        session = sessions.get(i)
+        if session is None:
+            continue
+        violations += len(session["violations"]) + len(call["bad"])
+        # Provider audio in -> Twilio media out: each chunk's first byte, found in what the caller got.
+        where: dict[str, list[tuple[int, float]]] = {}
+        for at, segment, offset, nbytes in call["media"]:
+            where.setdefault(segment, []).append((offset + nbytes, at))
+        for sent_at, reply, offset, _ in session["audio_chunks"]:
+            if not w0 <= sent_at <= w1:
+                continue
+            arrival = next((at for end, at in where.get(f"r{reply}", []) if end > offset), None)
+            if arrival is None:
+                cut_chunks += 1  # never sent on: dropped by a barge-in
+            else:
+                forward.append(arrival - sent_at)
+        # UserStartedSpeaking in -> clear out.
+        clears = np.frombuffer(call["clears"], dtype=np.float64)
+        for said in session["barge_ins"]:
+            later = clears[(clears >= said) & (clears < said + 1.0)]
+            if len(later):
+                barge.append(later[0] - said)
+            else:
+                no_clear += 1  # nothing was playing
+        # Bytes lost or reordered: each reply as received must be its audio (a prefix of it when cut).
+        for k, (text, length) in enumerate(session["replies"], start=1):
+            got = call["segments"].get(f"r{k}", b"")
+            audio = reply_audio(text)
+            if len(audio) != length:
+                audio = reply_audio(text, length / 8000)
+            want = audio + b"\xff" * (-len(audio) % 160)
+            checked += len(got)
+            if got != want[:len(got)]:
+                lost += sum(1 for x, y in zip(got, want) if x != y) + max(0, len(got) - len(want))
+    forward_a, barge_a = np.array(forward), np.array(barge)
+    lag = np.frombuffer(loadgen["lag"], dtype=np.float64)
+    return {"calls": len(calls), "sessions": len(sessions), "cpu_s": cpu, "cores": cpu / (w1 - w0),
+            "cpu_per_call_minute": cpu / (n * (w1 - w0) / 60), "forward_p50_ms": pct(forward_a, 50),
+            "forward_p99_ms": pct(forward_a, 99), "chunks": len(forward_a), "cut_chunks": cut_chunks,
+            "barge_p50_ms": pct(barge_a, 50), "barge_p99_ms": pct(barge_a, 99), "barge_ins": len(barge_a),
+            "no_clear": no_clear, "checked_seconds": checked / 8000, "lost": lost, "violations": violations,
+            "lag_p99_ms": float(np.percentile(lag, 99)) * 1000 if len(lag) else float("nan")}
+
+
 def summary(r: RunResult) -> dict:
     g = growth_ms(r.dg_lat, r.dg_times)
     return {"n": r.spec.n, "subs": r.spec.subs, "seconds": r.spec.seconds, "pace": r.spec.pace,
@@ -816,7 +969,7 @@ def summary(r: RunResult) -> dict:
 
 # --- command line --------------------------------------------------------------------------------
 
-SCENARIOS = ("ratio", "fast", "latency", "fanout", "stalled", "saturation", "soak")
+SCENARIOS = ("ratio", "fast", "latency", "fanout", "stalled", "saturation", "soak", "agent")
 
 
 def ints(text: str) -> list[int]:
@@ -841,6 +994,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--saturation-ns", type=ints, help="N steps, stopping at the first that grows (default 100,150,200,250,300,400,500)")
     p.add_argument("--saturation-seconds", type=float, help="seconds per saturation step (default 20)")
     p.add_argument("--soak", default=None, help="CALLS,SECONDS,WAVES for the soak (default 100,120,3)")
+    p.add_argument("--agent", default=None, help="N,SECONDS for the agent-call run (default 100,60)")
     p.add_argument("--frame-ms", type=int, default=0, help="set DEEPGRAM_FRAME_MS for the server (default: its own)")
     p.add_argument("--window-ms", type=int, default=1000, help="fake Deepgram's result window (default 1000)")
     p.add_argument("--align-results", action="store_true",
@@ -875,6 +1029,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.saturation_ns = a.saturation_ns or ([100] if q else [100, 150, 200, 250, 300, 400, 500])
     a.saturation_seconds = a.saturation_seconds or (8 if q else 20)
     a.soak = ints(a.soak) if a.soak else ([20, 20, 3] if q else [100, 120, 3])
+    a.agent = ints(a.agent) if a.agent else ([20, 20] if q else [100, 60])
     return a
 
 
@@ -901,6 +1056,8 @@ def main(argv=None) -> int:
             scenario_saturation(bench, rep, args.saturation_ns, args.saturation_seconds)
         if "soak" in args.only:
             scenario_soak(bench, rep, *args.soak)
+        if "agent" in args.only:
+            scenario_agent(bench, rep, *args.agent)
         if args.profile:
             scenario_profile(bench, rep, args.n, max(args.seconds, 20), args.profile)
         failed = False

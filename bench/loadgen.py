@@ -2,6 +2,7 @@
 
     python bench/loadgen.py twilio CONFIG.json     # N calls, both legs, 20 ms frames
     python bench/loadgen.py subs CONFIG.json       # S raw-mode subscribers per call
+    python bench/loadgen.py agent CONFIG.json      # N agent calls on /agent, with Twilio's player
 
 Both speak a line protocol with the orchestrator (bench.py) on stdin/stdout:
   twilio: connects every call and sends `connected` + `start` (with `simulate.TwilioStream`),
@@ -300,10 +301,163 @@ async def run_subs(cfg: dict) -> None:
     print("DONE", flush=True)
 
 
+# --- agent calls (<Connect><Stream> on /agent) -----------------------------------------------------
+
+
+def _loud(n: int) -> bytes:
+    """A loud 300 Hz tone in mu-law: speech to the fake agent's voice-activity detection."""
+    import numpy as np
+
+    import codec
+    t = np.arange(n) / 8000
+    return codec.pcm16_to_ulaw((12000 * np.sin(2 * np.pi * 300 * t)).astype(np.int16))
+
+
+class AgentCaller:
+    """One agent call: the caller's media out, and Twilio's player for what comes back.
+
+    The player is event-driven rather than ticking: each `media` extends the time its queue plays
+    until (real time from when it arrived, or from when the queue ran dry), a `mark` is echoed
+    when the queue reaches it, and `clear` echoes the pending marks at once.
+    """
+
+    def __init__(self, index: int, call_sid: str, sender: CallSender):
+        self.index = index
+        self.sender = sender  # for the stream ids, the masking and the framing
+        self.ws = None
+        self.play_end = 0.0
+        self.pending: dict[str, asyncio.TimerHandle] = {}
+        self.media: list[tuple[float, str, int, int]] = []  # (arrival, segment, offset in segment, bytes)
+        self.unassigned: list[tuple[float, bytes]] = []  # media waiting for the mark that names its segment
+        self.segments: dict[str, bytearray] = {}
+        self.clears = array.array("d")
+        self.echoes = 0
+        self.bad: list[str] = []
+
+    def on_message(self, text: str) -> None:
+        now = time.monotonic()
+        message = json.loads(text)
+        event = message.get("event")
+        if event == "media":
+            audio = base64.b64decode(message["media"]["payload"])
+            self.unassigned.append((now, audio))
+            self.play_end = max(now, self.play_end) + len(audio) / 8000
+        elif event == "mark":
+            name = message["mark"]["name"]
+            segment = name.rsplit("/", 1)[0]
+            buf = self.segments.setdefault(segment, bytearray())
+            for at, audio in self.unassigned:
+                self.media.append((at, segment, len(buf), len(audio)))
+                buf += audio
+            self.unassigned.clear()
+            delay = max(0.0, self.play_end - now)
+            self.pending[name] = asyncio.get_running_loop().call_later(delay, self.echo, name)
+        elif event == "clear":
+            self.clears.append(now)
+            self.unassigned.clear()
+            self.play_end = now
+            for name, handle in list(self.pending.items()):
+                handle.cancel()
+                self.echo(name)
+        else:
+            self.bad.append(text[:100])
+
+    def echo(self, name: str) -> None:
+        self.pending.pop(name, None)
+        stream = self.sender.stream
+        stream.sequence += 1
+        text = ('{"event":"mark","sequenceNumber":"%d","streamSid":"%s","mark":{"name":%s}}'
+                % (stream.sequence, stream.stream_sid, json.dumps(name)))
+        if not self.sender.transport.is_closing():
+            self.sender.transport.write(self.sender.frame(text))
+            self.echoes += 1
+
+
+async def run_agent(cfg: dict) -> None:
+    """N agent calls in real time: silence, with a burst of speech at each `speech_at` second."""
+    url, sids, ticks = cfg["url"], cfg["call_sids"], cfg["ticks"]
+    speech = {round(at * 50) + k for at in cfg["speech_at"] for k in range(round(cfg["speech_seconds"] * 50))}
+    silence_b64 = base64.b64encode(b"\xff" * CHUNK_BYTES).decode()
+    loud_b64 = base64.b64encode(_loud(CHUNK_BYTES)).decode()
+    n = len(sids)
+    callers = []
+    for i, sid in enumerate(sids):
+        sender = CallSender(i, sid, ticks, i * FRAME_MS / n / 1000)
+        sender.stream.tracks = ["inbound"]
+        sender.stream.custom_parameters = {"call": str(i)}
+        callers.append(AgentCaller(i, sid, sender))
+    sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+    async def open_call(c: AgentCaller) -> None:
+        c.ws = await _open(url, sem)
+        c.sender.ws, c.sender.transport = c.ws, c.ws.transport
+        await c.ws.send(c.sender.stream.connected())
+        await c.ws.send(c.sender.stream.start())
+
+    async def listen(c: AgentCaller) -> None:
+        try:
+            async for message in c.ws:
+                c.on_message(message)
+        except ConnectionClosed:
+            pass
+
+    await asyncio.gather(*(open_call(c) for c in callers))
+    readers = [asyncio.create_task(listen(c)) for c in callers]
+    print("READY", flush=True)
+    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    if not line.startswith("GO"):
+        raise SystemExit("loadgen: expected GO")
+    t0 = time.monotonic() + 0.05
+    print(f"T0 {t0!r}", flush=True)
+    lag = array.array("d")
+    period = FRAME_MS / 1000
+    # Call i starts i/N of `spread_seconds` late, so the calls' replies and barge-ins are spread
+    # over time as in a real mix of calls, not all in the same 20 ms.
+    spread = round(cfg.get("spread_seconds", 0) * 50)
+    for c in callers:
+        c.sender.start_tick = c.index * spread // n
+    for g in range(ticks + spread):
+        base = t0 + g * period
+        for c in callers:
+            k = g - c.sender.start_tick
+            if not 0 <= k < ticks:
+                continue
+            payload = loud_b64 if k in speech else silence_b64
+            due = base + c.sender.offset_s
+            now = time.monotonic()
+            if due - now > 0.0005:
+                await asyncio.sleep(due - now)
+                now = time.monotonic()
+            if c.sender.transport.is_closing():
+                continue
+            stream = c.sender.stream
+            stream.sequence += 1
+            text = ('{"event":"media","sequenceNumber":"%d","streamSid":"%s","media":{"track":"inbound",'
+                    '"chunk":"%d","timestamp":"%d","payload":"%s"}}'
+                    % (stream.sequence, stream.stream_sid, k + 1, k * FRAME_MS, payload))
+            lag.append(now - due)
+            c.sender.transport.write(c.sender.frame(text))
+    print(f"SENT {time.monotonic()!r}", flush=True)
+    for c in callers:
+        try:
+            await c.ws.send(c.sender.stream.stop())
+            await c.ws.close()
+        except ConnectionClosed:
+            pass
+    await asyncio.gather(*readers)
+    result = {"t0": t0, "lag": lag, "cpu": time.process_time(),
+              "calls": {c.index: {"media": c.media, "segments": {s: bytes(b) for s, b in c.segments.items()},
+                                  "clears": c.clears, "echoes": c.echoes, "bad": c.bad} for c in callers}}
+    with open(cfg["out"], "wb") as f:
+        pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
+    print("DONE", flush=True)
+
+
 def main() -> None:
     role, path = sys.argv[1], sys.argv[2]
     cfg = json.loads(Path(path).read_text())
-    asyncio.run(run_twilio(cfg) if role == "twilio" else run_subs(cfg))
+    roles = {"twilio": run_twilio, "subs": run_subs, "agent": run_agent}
+    asyncio.run(roles[role](cfg))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def test_json_subscriber_gets_wrapped_messages_and_lifecycle_events():
     started, transcript, ended, end = drain(sub)
     assert json.loads(started) == {"type": "call_started", "callSid": "CA1", "streamSid": "MZ1", "accountSid": "AC1",
                                    "tracks": ["inbound", "outbound"], "customParameters": {"tenant": "acme"},
-                                   "startTime": "2026-11-21T10:00:00.000+00:00"}
+                                   "startTime": "2026-11-21T10:00:00.000+00:00", "mode": "transcription"}
     assert json.loads(transcript) == {"type": "transcript", "callSid": "CA1", "data": {"type": "Results", "x": 1}}
     assert json.loads(ended) == {"type": "call_ended", "callSid": "CA1", "duration": 2.5}
     assert end is None
