@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import collections
 import http
 import logging
 import os
+import signal
+import sys
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -51,6 +53,7 @@ from local_stt import HandshakeRefused, check_authorization
 log = logging.getLogger(__name__)
 
 AGENT_PATH = "/v1/agent/converse"
+KEPT_SESSIONS = 1000  # records of finished sessions kept for inspection; the server runs for months
 MODES = ("live", "deterministic")
 
 
@@ -90,8 +93,8 @@ class EmbeddedAgent:
     `api_key=None` accepts any `Token` credentials. `settings` is the project's `Settings`
     (read: `agent_embedded_mode`, `agent_llm_*`). `engine_factory` overrides the recogniser
     (default: the project's, or `ChecksumEngine` in deterministic mode) and `voice` the voice
-    (default: flite, or tones in deterministic mode). Every connection
-    that completed the handshake appends its `SessionRecord` to `sessions`.
+    (default: flite, or tones in deterministic mode). Every connection that completed the
+    handshake appends its `SessionRecord` to `sessions`, which keeps the last `KEPT_SESSIONS`.
     """
 
     def __init__(
@@ -110,7 +113,7 @@ class EmbeddedAgent:
         self.api_key = api_key
         self.settings = settings
         self.tuning = tuning
-        self.sessions: list[SessionRecord] = []
+        self.sessions: collections.deque[SessionRecord] = collections.deque(maxlen=KEPT_SESSIONS)
         self._engine_factory = engine_factory
         self._voice = voice
         self._parts: Parts | None = None
@@ -154,9 +157,7 @@ class EmbeddedAgent:
             check_authorization(request.headers, self.api_key)
         except HandshakeRefused as refused:
             log.info("refused %s: %s %s", request.path, refused.status.value, refused.message)
-            response = connection.respond(refused.status, refused.message + "\n")
-            response.headers["dg-error"] = refused.message
-            return response
+            return refused.response(connection)
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -178,15 +179,20 @@ class EmbeddedAgent:
 # --- Command line ---------------------------------------------------------------------------
 
 
-async def _serve_forever(agent: EmbeddedAgent) -> None:
+async def _serve_until_signal(agent: EmbeddedAgent) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     async with agent:
-        await asyncio.Future()
+        await stop.wait()
 
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m agent.embedded --port 8082 --api-key KEY`: the agent on its own (tests, benchmarks).
 
-    AGENT_LLM_* come from the environment as for the server.
+    AGENT_LLM_* come from the environment as for the server. SIGTERM or SIGINT stop it cleanly
+    (recogniser worker processes included).
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -196,9 +202,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = load_settings({**os.environ, "AGENT_EMBEDDED_MODE": args.mode})
-    agent = EmbeddedAgent(args.host, args.port, args.api_key, settings)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_forever(agent))
+    try:
+        asyncio.run(_serve_until_signal(EmbeddedAgent(args.host, args.port, args.api_key, settings)))
+    except AgentUnavailable as exc:
+        parser.exit(2, f"{exc}\n")
+    finally:
+        if "recognizer" in sys.modules:
+            sys.modules["recognizer"].shutdown()
 
 
 if __name__ == "__main__":
