@@ -87,7 +87,7 @@ async def test_handshake_refused_before_upgrade(agents, path, headers, status):
     with pytest.raises(InvalidStatus) as refused:
         await connect(f"ws://127.0.0.1:{agent.port}{path}", additional_headers=headers)
     assert refused.value.response.status_code == status
-    assert agent.sessions == []
+    assert len(agent.sessions) == 0
 
 
 async def test_welcome_carries_a_fresh_request_id(agents):
@@ -276,6 +276,35 @@ async def test_keepalive_and_unsupported_updates(agents):
     assert not client.closed.is_set()
     code, reason = await client.wait_closed(timeout=3)  # then silence: the idle timeout
     assert client.messages("Error")[-1].code == p.CLIENT_MESSAGE_TIMEOUT and (code, reason) == (1011, p.CLIENT_MESSAGE_TIMEOUT)
+
+
+async def test_force_end_turn_ends_the_utterance_now(agents):
+    agent = await agents()
+    client = await connected(agent)
+    speech = noise(0.8, seed=5)
+    await client.send_audio(SILENCE * 1600 + speech)  # no silence after: the caller has not stopped
+    await client.wait_for("UserStartedSpeaking")
+    await asyncio.sleep(0.2)
+    assert client.messages("ConversationText") == []
+    await client.send({"type": "ForceEndTurn"})
+    heard = await client.wait_for("ConversationText", role="user")
+    transcript = parse_deterministic(client.received[heard].message.content)
+    assert (transcript.start_byte, transcript.crc) == (1600, zlib.crc32(speech))
+    await client.close()
+
+
+async def test_update_think_replaces_prompt_and_functions(agents, llm):
+    llm.script = [Reply(completion("Done."))]
+    agent = await agents(agent_llm_url=llm.url, agent_llm_model="m")
+    client = await connected(agent, prompt="Old prompt.", functions=[LOOKUP])
+    await client.send({"type": "UpdateThink", "think": {"provider": {"type": "open_ai", "model": "gpt-4o-mini"},
+                                                        "prompt": "New prompt.", "functions": [END_CALL]}})
+    await client.wait_for("ThinkUpdated")
+    await client.send(p_inject("Hi"))
+    await client.wait_for("AgentAudioDone")
+    assert llm.requests[0]["messages"][0] == {"role": "system", "content": "New prompt."}
+    assert [t["function"]["name"] for t in llm.requests[0]["tools"]] == ["end_call"]
+    await client.close()
 
 
 # --- Bad input ------------------------------------------------------------------------------
@@ -479,6 +508,14 @@ async def test_live_recogniser_and_flite(agents):
         greeted = await client.wait_for("AgentAudioDone")
         greeting_audio = client.audio(end=greeted)
         assert len(greeting_audio) > 8000, "about two seconds of flite speech"
+        # The voice is speech, not static: the recogniser finds the greeting's words in it.
+        segments = []
+        engine = recognizer.engine_factory(0, segments.append)
+        engine.feed(greeting_audio + SILENCE * 8000)
+        await engine.finalize()
+        await engine.aclose()
+        greeting_words = set(" ".join(s.transcript for s in segments).split())
+        assert len(greeting_words & {"hello", "this", "is", "the", "offline", "demo", "agent"}) >= 3, greeting_words
         await client.send_audio(SILENCE * 4000 + speak(sentence, "espeak") + SILENCE * 16000, realtime=True)
         user = await client.wait_for("ConversationText", role="user", timeout=20)
         words = set(client.received[user].message.content.split())
