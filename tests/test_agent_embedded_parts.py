@@ -227,7 +227,7 @@ def _run_engine(stream: bytes, sizes: list[int], **options) -> list:
        st.lists(st.integers(1, 700), min_size=1, max_size=5))
 def test_checksum_engine_names_exactly_the_loud_frames(pattern, sizes):
     """Runs of quiet and loud frames: each utterance is the loud run's bytes, whatever the chunking."""
-    stream, runs, position = b"", [], 0
+    stream, runs = b"", []
     for quiet, loud in pattern:
         stream += QUIET * (quiet + 16)  # longer than the hangover: utterances stay apart
         if loud >= 3:  # the onset: shorter bursts are clicks, not speech
