@@ -164,13 +164,14 @@ async def test_barge_in_stops_the_reply_at_once(agents):
     client = await connected(agent, greeting=greeting)
     first_audio = await client.wait_for("audio")
     await asyncio.sleep(0.5)
-    sent_at = await client.send_audio(noise(0.4, seed=3) + SILENCE * 4000, realtime=True)
+    speaking = asyncio.create_task(client.send_audio(noise(1.0, seed=3) + SILENCE * 4000, realtime=True))
     interrupted = await client.wait_for("UserStartedSpeaking")
-    delay = client.received[interrupted].at - sent_at
+    # From the voice activity detector, while the caller is still speaking, not from the recogniser
+    # at the utterance's end. (How quick: bench/embedded_agent_bench.py.)
+    assert not speaking.done() and "ConversationText" not in client.types(first_audio, interrupted)
+    await speaking
     await client.wait_for("ConversationText", role="user", after=interrupted)
 
-    # Quick: three 20 ms frames make speech, then one loop turn. (Figure in the README, not asserted tighter.)
-    assert delay < 0.5, f"UserStartedSpeaking {delay * 1000:.0f} ms after the speech began"
     heard_of_greeting = client.audio(end=interrupted)
     assert heard_of_greeting == spoken(greeting)[: len(heard_of_greeting)]
     assert 0 < len(heard_of_greeting) < len(spoken(greeting)) / 2
@@ -265,10 +266,10 @@ async def test_inject_agent_message_behaviours(agents):
 
 
 async def test_keepalive_and_unsupported_updates(agents):
-    agent = await agents(tuning=Tuning(idle_timeout=0.4, output_lead=60.0))
+    agent = await agents(tuning=Tuning(idle_timeout=1.0, output_lead=60.0))
     client = await connected(agent)
-    for _ in range(4):
-        await asyncio.sleep(0.2)
+    for _ in range(6):  # 1.8 s in all, each well inside the idle timeout
+        await asyncio.sleep(0.3)
         await client.send({"type": "KeepAlive"})
     await client.send({"type": "UpdateSpeak", "speak": {"provider": {"type": "deepgram", "model": "aura-2-andromeda-en"}}})
     warning = await client.wait_for("Warning")
