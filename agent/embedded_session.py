@@ -349,9 +349,10 @@ class Session:
             case p.UpdatePrompt(prompt=prompt):  # Deepgram adds to the prompt, it does not replace it
                 conversation.prompt = f"{conversation.prompt}\n{prompt}" if conversation.prompt else prompt
                 self._send(p.prompt_updated())
-            case p.UpdateThink(prompt=prompt, functions=functions):
+            case p.UpdateThink(prompt=prompt, functions=functions, skipped_functions=skipped):
                 conversation.prompt, conversation.functions = prompt, functions
                 self._send(p.think_updated())
+                self._warn_skipped(skipped)
             case p.FunctionCallResponse():
                 self._on_function_response(msg)
             case p.ForceEndTurn():
@@ -374,9 +375,15 @@ class Session:
         self._conversation = Conversation(config.prompt, config.functions)
         sessions_total.inc()
         self._send(p.settings_applied())
+        self._warn_skipped(config.skipped_functions)
         self._spawn(self._perform_turns())
         if config.greeting:
             self._turns.push(Say(config.greeting))
+
+    def _warn_skipped(self, names: tuple[str, ...]) -> None:
+        if names:
+            self._warn(p.UNSUPPORTED_MESSAGE, f"server-side functions (with an endpoint) are not offered by the "
+                                              f"embedded agent: {', '.join(names)}")
 
     # --- what the caller does ---------------------------------------------------------------
 
@@ -533,6 +540,7 @@ class Session:
         if timing.report:
             self._send(p.latency_report(
                 stt_latency=timing.stt,
+                ttt_token_latency=timing.ttt,  # the whole answer comes at once: first token = all tokens
                 ttt_tool_latency=timing.ttt if timing.tool else None,
                 ttt_text_latency=None if timing.tool else timing.ttt,
                 tts_latency=tts,

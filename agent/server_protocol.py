@@ -8,7 +8,7 @@ session (`embedded_session.py`) does the I/O, and tests can try any input withou
 A client message that cannot be used raises `ProtocolError` carrying Deepgram's error code:
 `UNPARSABLE_CLIENT_MESSAGE` for JSON that is not a known message of the right shape, and
 `INVALID_SETTINGS` for a `Settings` that parses but asks for something this server cannot do
-(any audio format but 8 kHz mu-law without a container, server-side functions, ...). Refusing
+(any audio format but 8 kHz mu-law without a container, ...). Refusing
 clearly beats sending audio the client would play as static.
 
 Field names follow Deepgram's (and the `deepgram-sdk` models'); tests validate every message
@@ -69,11 +69,16 @@ class Function:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """What a `Settings` message asks of the agent, once checked."""
+    """What a `Settings` message asks of the agent, once checked.
+
+    `skipped_functions` names the server-side functions (those with an `endpoint`, which Deepgram
+    would call itself): the embedded agent does not offer them, and says so in a `Warning`.
+    """
 
     prompt: str
     functions: tuple[Function, ...]
     greeting: str | None
+    skipped_functions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,7 @@ class UpdatePrompt:
 class UpdateThink:
     prompt: str
     functions: tuple[Function, ...]
+    skipped_functions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -170,8 +176,7 @@ def parse_client_message(text: str) -> ClientMessage:
             return UpdatePrompt(_field(message, "prompt", str))
         case "UpdateThink":
             think = _field(message, "think", dict, where="UpdateThink")
-            prompt, functions = _parse_think(think, error=_unparsable)
-            return UpdateThink(prompt, functions)
+            return UpdateThink(*_parse_think(think, error=_unparsable))
         case "FunctionCallResponse":
             return FunctionCallResponse(
                 _field(message, "id", str, required=False),
@@ -210,12 +215,12 @@ def parse_settings(message: dict) -> AgentConfig:
     if isinstance(think, list):  # a list is Deepgram's fallback order: the first one is used
         think = think[0] if think else None
     if think is None:
-        prompt, functions = "", ()
+        prompt, functions, skipped = "", (), ()
     elif isinstance(think, dict):
-        prompt, functions = _parse_think(think, error=_invalid)
+        prompt, functions, skipped = _parse_think(think, error=_invalid)
     else:
         raise _invalid("agent.think must be an object or a list of objects")
-    return AgentConfig(prompt=prompt, functions=functions, greeting=greeting or None)
+    return AgentConfig(prompt=prompt, functions=functions, greeting=greeting or None, skipped_functions=skipped)
 
 
 def _check_audio_input(spec: Any) -> None:
@@ -240,18 +245,20 @@ def _check_audio_output(spec: Any) -> None:
         raise _invalid(f"audio.output.container {spec.get('container')!r} is not supported: use \"none\" (raw audio)")
 
 
-def _parse_think(think: dict, *, error) -> tuple[str, tuple[Function, ...]]:
+def _parse_think(think: dict, *, error) -> tuple[str, tuple[Function, ...], tuple[str, ...]]:
+    """(prompt, client-side functions, names of the server-side ones, which are not offered)."""
     prompt = think.get("prompt", "")
     if type(prompt) is not str:
         raise error("think.prompt must be a string")
     functions = think.get("functions") or []
     if not isinstance(functions, list):
         raise error("think.functions must be a list")
-    parsed = tuple(_parse_function(f, error=error) for f in functions)
-    names = [f.name for f in parsed]
+    parsed = [(_parse_function(f, error=error), f.get("endpoint") is not None) for f in functions]
+    names = [f.name for f, _ in parsed]
     if len(set(names)) != len(names):
         raise error("think.functions has two functions with the same name")
-    return prompt, parsed
+    return (prompt, tuple(f for f, server_side in parsed if not server_side),
+            tuple(f.name for f, server_side in parsed if server_side))
 
 
 def _parse_function(spec: Any, *, error) -> Function:
@@ -260,9 +267,6 @@ def _parse_function(spec: Any, *, error) -> Function:
     name = spec.get("name")
     if type(name) is not str or not FUNCTION_NAME.fullmatch(name):
         raise error(f"function name {name!r} must be 1-64 characters of A-Z a-z 0-9 _ -")
-    if spec.get("endpoint") is not None:
-        raise error(f"function {name}: server-side functions (with an endpoint) are not supported; "
-                    "leave out `endpoint` and answer FunctionCallRequest yourself")
     description = spec.get("description") or ""
     parameters = spec.get("parameters") or {"type": "object", "properties": {}}
     if type(description) is not str or not isinstance(parameters, dict):

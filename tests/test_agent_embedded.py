@@ -133,6 +133,7 @@ async def test_greeting_then_a_turn_byte_exact(agents):
     assert client.audio(heard) == spoken(reply)
     report = client.messages("LatencyReport")[0]
     assert report.stt_latency >= 0 and report.total_latency >= report.stt_latency
+    assert report.ttt_token_latency == report.ttt_text_latency and report.ttt_tool_latency is None
     await client.close()
     assert agent.sessions[0].turns == 1 and agent.sessions[0].audio_in_bytes == 4000 + 8000 + 8000
 
@@ -305,6 +306,21 @@ async def test_update_think_replaces_prompt_and_functions(agents, llm):
     await client.wait_for("AgentAudioDone")
     assert llm.requests[0]["messages"][0] == {"role": "system", "content": "New prompt."}
     assert [t["function"]["name"] for t in llm.requests[0]["tools"]] == ["end_call"]
+    await client.close()
+
+
+async def test_server_side_functions_are_not_offered(agents, llm):
+    llm.script = [Reply(completion("Fine."))]
+    agent = await agents(agent_llm_url=llm.url, agent_llm_model="m")
+    crm = {"name": "crm_lookup", "description": "Deepgram would call this", "endpoint": {"url": "https://crm.example",
+                                                                                        "method": "post"}}
+    client = await connected(agent, functions=[crm, LOOKUP])
+    warning = await client.wait_for("Warning")
+    assert client.received[warning].message.code == p.UNSUPPORTED_MESSAGE
+    assert "crm_lookup" in client.received[warning].message.description
+    await client.send(p_inject("Hi"))
+    await client.wait_for("AgentAudioDone")
+    assert [t["function"]["name"] for t in llm.requests[0]["tools"]] == ["lookup_order"]
     await client.close()
 
 

@@ -47,6 +47,14 @@ def test_settings_keeps_prompt_functions_and_greeting():
     ))
 
 
+def test_server_side_functions_are_named_not_offered():
+    message = settings_message(functions=[END_CALL_SPEC, {"name": "crm_lookup", "description": "d",
+                                                          "endpoint": {"url": "https://crm.example", "method": "post"}}])
+    validate_client_message(message)
+    config = p.parse_client_message(json.dumps(message)).config
+    assert [f.name for f in config.functions] == ["end_call"] and config.skipped_functions == ("crm_lookup",)
+
+
 def test_settings_think_list_uses_the_first_provider():
     message = settings_message(prompt="first")
     message["agent"]["think"] = [message["agent"]["think"], {"provider": {"type": "open_ai", "model": "x"},
@@ -98,8 +106,6 @@ def _with(agent_changes: dict | None = None, **output) -> str:
     (_with({"think": {"prompt": 5}}), p.INVALID_SETTINGS),
     (_with({"think": {"functions": [{"name": "has space"}]}}), p.INVALID_SETTINGS),
     (_with({"think": {"functions": [END_CALL_SPEC, END_CALL_SPEC]}}), p.INVALID_SETTINGS),
-    (_with({"think": {"functions": [{"name": "f", "endpoint": {"url": "https://x", "method": "post"}}]}}),
-     p.INVALID_SETTINGS),
     (json.dumps({**settings_message(), "agent": "stored-agent-id"}), p.INVALID_SETTINGS),
 ])
 def test_unusable_messages_have_deepgram_codes(text, code):
