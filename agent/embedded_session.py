@@ -389,7 +389,7 @@ class Session:
 
     def _on_speech_started(self) -> None:
         """The caller started speaking: stop the reply in progress, tell the client at once."""
-        if self._interrupt():
+        if self._interrupt(speech=True):
             self.record.barge_ins += 1
             barge_ins_total.inc()
         self._send(p.user_started_speaking())
@@ -405,7 +405,7 @@ class Session:
         not speech, so it sends no UserStartedSpeaking.
         """
         was_speaking = self._speaking
-        if self._interrupt() and answer.spoken and was_speaking:
+        if self._interrupt(speech=answer.spoken) and answer.spoken and was_speaking:
             self.record.barge_ins += 1
             barge_ins_total.inc()
             self._send(p.user_started_speaking())
@@ -414,11 +414,18 @@ class Session:
             self._bad_input("turn_queue_full", f"more than {self._tuning.max_turns_queued} turns waiting; "
                                                f"dropped: {answer.text[:60]!r}")
 
-    def _interrupt(self) -> bool:
-        """Cancel the turn in progress and drop its unsent audio; True if there was one."""
+    def _interrupt(self, *, speech: bool) -> bool:
+        """Cancel the turn in progress and drop its unsent audio; True if there was one.
+
+        A reply cut by anything but the caller's speech (DTMF, an `interrupt` injection) ends
+        with `AgentAudioDone`: the client has no `UserStartedSpeaking` to tell it so.
+        """
         self._outbox.drop_audio()
         if self._current is None or self._current.done():
             return False
+        if self._speaking and not speech:
+            self._send(p.agent_audio_done())
+        self._speaking = False
         self._current.cancel()
         return True
 
@@ -428,7 +435,7 @@ class Session:
             self._send(p.injection_refused("the user or the agent is mid-turn; use behavior queue or interrupt"))
             return
         if behavior == "interrupt":
-            self._interrupt()
+            self._interrupt(speech=False)
         if not self._turns.push(Say(text), front=behavior == "interrupt"):
             self._send(p.injection_refused(f"more than {self._tuning.max_turns_queued} turns are waiting"))
 
