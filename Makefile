@@ -2,15 +2,16 @@
 #   make run    set up a virtual environment and start the server
 #   make test   set up everything the tests need and run them
 # Both work on a fresh Debian/Ubuntu machine with python3; `make test` installs espeak-ng and
-# flite (speech fixtures) with apt-get when they are missing.
+# flite (speech fixtures) with apt-get when they are missing, `make run` flite (the embedded
+# agent's voice).
 
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: run test system-deps clean
+.PHONY: run test system-deps voice-deps clean
 
-run: $(VENV)/.run
+run: $(VENV)/.run voice-deps
 	$(PY) server.py
 
 test: $(VENV)/.dev system-deps
@@ -33,6 +34,13 @@ system-deps:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		echo "installing espeak-ng and flite (speech fixtures for the tests)"; \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng flite; \
+	fi
+
+voice-deps:
+	@if ! command -v flite >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		echo "installing flite (the embedded agent's voice)"; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq flite; \
 	fi
 
 clean:

@@ -95,6 +95,12 @@ class Settings:
         if self.agent_provider != "auto":
             return self.agent_provider
         return "deepgram" if self.deepgram_api_key else "embedded"
+    # --- the embedded agent (README "The embedded agent") ---
+    agent_embedded_mode: str = "live"  # "deterministic": no recogniser, no flite, no randomness
+    agent_llm_url: str | None = None  # an OpenAI-compatible endpoint to think with, else the built-in responder
+    agent_llm_model: str | None = None
+    agent_llm_api_key: str | None = field(default=None, repr=False)
+    agent_llm_timeout: float = 15.0  # seconds for one chat completion
 
     @property
     def engine(self) -> str:
@@ -204,6 +210,32 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         shutdown_timeout=_number(env, "SHUTDOWN_TIMEOUT", 30.0, 0.0, 3600.0, float),
         **_security_settings(env, host),
         **_agent_settings(env, api_key),
+        **_embedded_agent_settings(env),
+    )
+
+
+# --- the embedded agent (README "The embedded agent") -------------------------------------
+
+
+def _embedded_agent_settings(env: Mapping[str, str]) -> dict:
+    mode = (env.get("AGENT_EMBEDDED_MODE") or "live").strip().lower()
+    if mode not in ("live", "deterministic"):
+        raise ConfigError("AGENT_EMBEDDED_MODE", f"must be live or deterministic, got {mode!r}")
+    url = (env.get("AGENT_LLM_URL") or "").strip() or None
+    model = (env.get("AGENT_LLM_MODEL") or "").strip() or None
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError("AGENT_LLM_URL", "expected the http(s):// base URL of an OpenAI-compatible API, "
+                                               f"such as http://127.0.0.1:11434/v1 for Ollama, got {url!r}")
+        if model is None:
+            raise ConfigError("AGENT_LLM_MODEL", "AGENT_LLM_URL needs the name of the model to ask (e.g. llama3.2)")
+    return dict(
+        agent_embedded_mode=mode,
+        agent_llm_url=url,
+        agent_llm_model=model,
+        agent_llm_api_key=(env.get("AGENT_LLM_API_KEY") or "").strip() or None,
+        agent_llm_timeout=_number(env, "AGENT_LLM_TIMEOUT", 15.0, 0.5, 300.0, float),
     )
 
 

@@ -72,6 +72,12 @@ class HandshakeRefused(Exception):
         self.status = status
         self.message = message
 
+    def response(self, connection: ServerConnection) -> Response:
+        """The plain HTTP answer, with Deepgram's `dg-error` header."""
+        response = connection.respond(self.status, self.message + "\n")
+        response.headers["dg-error"] = self.message
+        return response
+
 
 @dataclass(frozen=True)
 class ListenParams:
@@ -630,9 +636,7 @@ class LocalSTT:
             self._check_request(request)
         except HandshakeRefused as refused:
             logger.info("refused %s: %s %s", request.path, refused.status.value, refused.message)
-            response = connection.respond(refused.status, refused.message + "\n")
-            response.headers["dg-error"] = refused.message
-            return response
+            return refused.response(connection)
         return None
 
     def _check_request(self, request: Request) -> None:

@@ -520,7 +520,7 @@ def main() -> int:
     configure_logging(settings.log_level)
     tuning.tune_allocator()
     security.redact_logs([settings.deepgram_api_key, settings.twilio_auth_token, settings.call_token,
-                          *settings.client_tokens])
+                          settings.agent_llm_api_key, *settings.client_tokens])
 
     async def serve_until_signal() -> None:
         stop = asyncio.Event()
