@@ -420,6 +420,19 @@ def _server_tls(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+async def start_whisper(settings: Settings, stack: AsyncExitStack):
+    """The embedded recogniser's engine factory, its model checked and loaded once per process:
+    transcription and the embedded agent share one decoder pool."""
+    import whisper_stt
+
+    if not whisper_stt.started():
+        # Checks the model's SHA-256 and loads it in every worker (a second or two): off the loop.
+        model = await asyncio.to_thread(whisper_stt.start, settings.local_stt_model)
+        stack.callback(whisper_stt.shutdown)
+        log.info("embedded recogniser: Whisper, model: %s", model)
+    return whisper_stt.engine_factory
+
+
 async def start_recogniser(settings: Settings, stack: AsyncExitStack) -> tuple[str, str]:
     """The upstream URL and key: Deepgram's, or the embedded Deepgram-compatible server's."""
     if settings.engine == "deepgram":
@@ -427,40 +440,30 @@ async def start_recogniser(settings: Settings, stack: AsyncExitStack) -> tuple[s
         return settings.deepgram_url, settings.deepgram_api_key
     import local_stt
 
-    factory = None
-    model = ""
-    if settings.engine == "whisper":
-        import whisper_stt
-
-        # Checks the model's SHA-256 and loads it in every worker (a second or two): off the loop.
-        model = "; model: " + await asyncio.to_thread(whisper_stt.start, settings.local_stt_model)
-        stack.callback(whisper_stt.shutdown)
-        factory = whisper_stt.engine_factory
+    factory = await start_whisper(settings, stack) if settings.engine == "whisper" else None
     key = secrets.token_urlsafe(24)
     stt = await stack.enter_async_context(local_stt.LocalSTT(host="127.0.0.1", port=0, api_key=key,
                                                              engine_factory=factory))
     why = "STT_ENGINE is set" if settings.stt_engine != "auto" else "DEEPGRAM_API_KEY is not set"
-    log.info("recogniser: embedded %s on %s (%s)%s", settings.engine, stt.url, why, model)
+    log.info("recogniser: embedded %s on %s (%s)", settings.engine, stt.url, why)
     query = urlsplit(settings.deepgram_url).query
     return urlunsplit(urlsplit(stt.url)._replace(query=query)), key
 
 
-async def start_agent(settings: Settings, stack: AsyncExitStack) -> ProviderFactory | None:
+async def start_agent(settings: Settings, stack: AsyncExitStack) -> ProviderFactory:
     """The agent provider for /agent: Deepgram's Voice Agent, or the embedded Deepgram-compatible
     agent started in-process on loopback (one code path, as with local_stt for transcription)."""
     if settings.agent_backend == "deepgram":
         url, key = settings.deepgram_agent_url, settings.deepgram_api_key
         log.info("voice agent: Deepgram at %s", urlsplit(url).netloc)
     else:
-        try:
-            from agent.embedded import EmbeddedAgent
-        except ModuleNotFoundError as exc:  # the embedded agent is built on its own branch (issue 12)
-            log.warning("voice agent: the embedded agent is not part of this build (%s); /agent answers 503 "
-                        "until DEEPGRAM_API_KEY is set", exc)
-            return None
+        from agent.embedded import EmbeddedAgent
+
+        live = settings.agent_embedded_mode == "live"
         key = secrets.token_urlsafe(24)
-        backend = await stack.enter_async_context(EmbeddedAgent(host="127.0.0.1", port=0, api_key=key,
-                                                                settings=settings))
+        backend = await stack.enter_async_context(EmbeddedAgent(
+            host="127.0.0.1", port=0, api_key=key, settings=settings,
+            engine_factory=await start_whisper(settings, stack) if live else None))
         url = backend.url
         why = "AGENT_PROVIDER is set" if settings.agent_provider != "auto" else "DEEPGRAM_API_KEY is not set"
         log.info("voice agent: embedded on %s (%s)", url, why)

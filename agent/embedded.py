@@ -46,7 +46,7 @@ from agent.brain import Brain, LLMBrain, OfflineResponder
 from agent.embedded_session import Parts, Session, SessionRecord, Tuning
 from agent.listen import ChecksumEngine, EnergyClassifier, WebRtcClassifier
 from agent.voice import FliteVoice, ToneVoice, Voice
-from config import Settings, load_settings
+from config import ConfigError, Settings, load_settings
 from engine import EngineFactory
 from local_stt import HandshakeRefused, check_authorization
 
@@ -57,17 +57,23 @@ KEPT_SESSIONS = 1000  # records of finished sessions kept for inspection; the se
 MODES = ("live", "deterministic")
 
 
-class AgentUnavailable(RuntimeError):
-    """The embedded agent cannot run here (flite missing); the message says how to fix it."""
+class AgentUnavailable(ConfigError):
+    """The embedded agent cannot run here (flite missing); the message says how to fix it. A
+    start-up error like a bad setting: the server exits with status 2 and this one line."""
+
+    def __init__(self, message: str):
+        super().__init__("AGENT_PROVIDER", message)
 
 
 def default_engine_factory(mode: str) -> EngineFactory:
     """The recogniser the embedded agent listens with when none is given."""
     if mode == "deterministic":
         return ChecksumEngine
-    import recognizer  # the project's embedded recogniser, behind the engine.EngineFactory contract
+    import whisper_stt  # the project's embedded recogniser, behind the engine.EngineFactory contract
 
-    return recognizer.engine_factory
+    if not whisper_stt.started():
+        whisper_stt.start()  # checks the model and loads it in every worker: once, a second or two
+    return whisper_stt.engine_factory
 
 
 def build_parts(settings: Settings, engine_factory: EngineFactory | None = None, voice: Voice | None = None) -> Parts:
@@ -207,8 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     except AgentUnavailable as exc:
         parser.exit(2, f"{exc}\n")
     finally:
-        if "recognizer" in sys.modules:
-            sys.modules["recognizer"].shutdown()
+        if "whisper_stt" in sys.modules:
+            sys.modules["whisper_stt"].shutdown()
 
 
 if __name__ == "__main__":

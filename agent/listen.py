@@ -9,17 +9,16 @@ Two questions are asked of the caller's audio, with different needs:
   into start and stop events (a few voiced frames in a row to start, so a click does not
   interrupt the agent; a longer run of unvoiced ones to stop).
 * "What did the caller say?" is the recogniser's job, through the `engine.EngineFactory`
-  contract (one engine per connection, channel 0): whatever engine the project ships
-  (pocketsphinx today, faster-whisper soon) cuts utterances with its own endpointer and emits
+  contract (one engine per connection, channel 0): the project's engine (Whisper, whisper_stt/)
+  cuts utterances with its own voice-activity detector and emits
   one final `Segment` with `speech_final` at each utterance's end. `Listener` gathers those
   into `Utterance`s.
 
 The live classifier is WebRTC's VAD (`webrtcvad-wheels`, MIT): the standard per-call detector
 for telephone audio, a small C library that takes 8 kHz frames as they are and decides one in
-a few microseconds, with no model to load. It does not depend on pocketsphinx (which bundles the
-same detector) and so survives the move to faster-whisper. Silero VAD is more robust to noise
-but costs a neural-network inference per frame and onnxruntime in the image; the recogniser's
-own endpointer still decides where turns end.
+a few microseconds, with no model to load. Silero VAD (which the recogniser uses) is more robust
+to noise but costs a neural-network inference per 32 ms window; for the barge-in signal the
+cheaper detector is enough, and the recogniser's own detector still decides where turns end.
 
 For tests, `EnergyClassifier` and `ChecksumEngine` make listening reproducible: speech is any
 frame louder than a threshold, and an utterance is "recognised" as its channel, time range and

@@ -199,7 +199,8 @@ def test_server_on_all_interfaces_starts_when_allowed_open(tmp_path):
     import urllib.request
 
     port = _free_port()
-    env = {**os.environ, "PROXY_URL": f"0.0.0.0:{port}", "STT_ENGINE": "deterministic", "ALLOW_OPEN_SERVER": "true"}
+    env = {**os.environ, "PROXY_URL": f"0.0.0.0:{port}", "STT_ENGINE": "deterministic",
+           "AGENT_EMBEDDED_MODE": "deterministic", "ALLOW_OPEN_SERVER": "true"}
     process = subprocess.Popen([sys.executable, str(ROOT / "server.py")], cwd=tmp_path, env=env,
                                stderr=subprocess.DEVNULL)
     try:

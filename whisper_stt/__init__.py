@@ -23,7 +23,7 @@ from .model import ModelError, resolve
 from .pool import stats
 from .stream import EngineSettings, WhisperEngine, engine_factory
 
-__all__ = ["EngineSettings", "ModelError", "WhisperEngine", "engine_factory", "shutdown", "start", "stats"]
+__all__ = ["EngineSettings", "ModelError", "WhisperEngine", "engine_factory", "shutdown", "start", "started", "stats"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,11 @@ def start(local_model: str | None = None, *, workers: int = pool.WORKERS) -> str
         pool.shutdown()
         raise ModelError(f"cannot load the model in {model_dir}: {exc}") from exc
     return description
+
+
+def started() -> bool:
+    """Whether `start()` has run (transcription and the embedded agent share one pool)."""
+    return pool.started()
 
 
 def shutdown() -> None:
