@@ -1,8 +1,9 @@
 # The two commands of the README's quick start:
 #   make run    set up a virtual environment and start the server
 #   make test   set up everything the tests need and run them
-# Both work on a fresh Debian/Ubuntu machine with python3; `make test` installs espeak-ng and
-# flite (speech fixtures) with apt-get when they are missing.
+# Both work on a fresh Debian/Ubuntu machine with python3; `make test` installs with apt-get what
+# is missing: espeak-ng and flite (speech fixtures), podman, runc, mmdebstrap and iptables (the
+# container test builds the Docker image and runs it, tests/test_container.py).
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -28,11 +29,14 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt
 	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
 	touch $@ $(VENV)/.run
 
+SYSTEM_DEPS := espeak-ng flite podman runc mmdebstrap iptables  # Debian packages named as their programs
+
 system-deps:
-	@if ! command -v espeak-ng >/dev/null || ! command -v flite >/dev/null; then \
+	@missing=$$(for program in $(SYSTEM_DEPS); do command -v $$program >/dev/null || echo $$program; done); \
+	if [ -n "$$missing" ]; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		echo "installing espeak-ng and flite (speech fixtures for the tests)"; \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng flite; \
+		echo "installing" $$missing "(speech fixtures, container test)"; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
 clean:
