@@ -29,14 +29,17 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt
 	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
 	touch $@ $(VENV)/.run
 
-SYSTEM_DEPS := espeak-ng flite podman runc mmdebstrap iptables  # Debian packages named as their programs
+# Programs the tests run, and the Debian packages that bring them (netavark: podman's network
+# stack, named so that podman never falls back to the other one).
+SYSTEM_PROGRAMS := espeak-ng flite podman runc mmdebstrap iptables
+SYSTEM_PACKAGES := espeak-ng flite podman runc netavark mmdebstrap iptables
 
 system-deps:
-	@missing=$$(for program in $(SYSTEM_DEPS); do command -v $$program >/dev/null || echo $$program; done); \
+	@missing=$$(for program in $(SYSTEM_PROGRAMS); do command -v $$program >/dev/null || echo $$program; done); \
 	if [ -n "$$missing" ]; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		echo "installing" $$missing "(speech fixtures, container test)"; \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+		echo "installing $(SYSTEM_PACKAGES) (missing:" $$missing")"; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(SYSTEM_PACKAGES); \
 	fi
 
 clean:
