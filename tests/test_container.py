@@ -175,6 +175,26 @@ def test_image_has_the_application_and_flite_and_leaves_out_tests_venvs_and_git(
     assert int(size) > 8000  # more than a header: a quarter second of 16 kHz audio at least
 
 
+def test_dockerignore_keeps_secrets_tests_and_venvs_out_and_lets_new_packages_and_assets_in(deployment, tmp_path):
+    """The repository's .dockerignore, applied by the builder to a made-up working copy."""
+    kept = ["server.py", "LICENSE", "requirements.txt", "agent/__init__.py", "agent/voice.py",
+            "dashboard/static/app.js", "dashboard/index.html"]
+    left_out = [".env", ".env.production", "tls/key.pem", "agent/cert.pem", "tests/test_server.py",
+                "bench/bench.py", ".venv/bin/python", "venv/pyvenv.cfg", ".git/HEAD", ".ci/run",
+                "agent/__pycache__/voice.cpython-311.pyc", "__pycache__/server.cpython-311.pyc", "call.wav",
+                "node_modules/left-pad/index.js", ".pytest_cache/README.md", "Makefile", "Dockerfile"]
+    context = tmp_path / "context"
+    for name in kept + left_out:
+        (context / name).parent.mkdir(parents=True, exist_ok=True)
+        (context / name).write_text(name)
+    (context / ".dockerignore").write_text((ROOT / ".dockerignore").read_text())
+    (context / "Dockerfile").write_text(f"FROM {BASE_IMAGE}\nCOPY . /context/\n")
+    deployment.podman("build", "--pull=never", "--tag", "localhost/dockerignore:test", str(context))
+    listing = deployment.podman("run", "--rm", "localhost/dockerignore:test", "find", "/context", "-type", "f")
+    copied = sorted(path.removeprefix("/context/") for path in listing.stdout.split())
+    assert copied == sorted(kept)
+
+
 def test_healthz_readyz_and_the_image_healthcheck(server):
     assert server.get("/healthz") == (200, "ok\n")
     assert server.get("/readyz")[0] == 200
