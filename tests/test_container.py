@@ -329,9 +329,11 @@ class Subscriber:
                 if message["type"] == "call_ended" and message["callSid"] == call_sid:
                     return [m for m in self.messages if m.get("callSid") == call_sid]
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if self.process and self.process.returncode is None:
             self.process.kill()
+        if self.process:
+            await self.process.wait()
 
 
 async def start_call(running: Running, audio: bytes, folder: Path) -> tuple[str, asyncio.subprocess.Process]:
@@ -362,7 +364,7 @@ async def test_a_call_with_speech_is_transcribed_inside_the_container(server, tm
         messages = await subscriber.until_call_ended(call_sid, timeout=120)
         out, err = await asyncio.wait_for(call.communicate(), 30)
     finally:
-        subscriber.close()
+        await subscriber.close()
     assert call.returncode == 0, err.decode()
     assert "close=1000" in out.decode()
     kinds = [m["type"] for m in messages]
@@ -386,7 +388,7 @@ async def test_sigterm_mid_call_delivers_the_last_words_and_exits_0_in_time(depl
         messages = await subscriber.until_call_ended(call_sid, timeout=30)
         out, _ = await asyncio.wait_for(call.communicate(), 30)
     finally:
-        subscriber.close()
+        await subscriber.close()
     assert code == 0, running.logs()
     assert seconds < SHUTDOWN_TIMEOUT, (seconds, running.logs())
     assert "close=1001" in out.decode()  # the server told "Twilio" it was going away

@@ -495,6 +495,7 @@ async def test_sigterm_exits_within_shutdown_timeout_when_a_subscriber_never_ans
         for child in (process, subscriber):
             if child.returncode is None:
                 child.kill()
+            await child.wait()
     assert code == 0, log
     assert seconds < 2 + 1.5, seconds  # SHUTDOWN_TIMEOUT, plus the process exiting
     assert "1 connections did not close within SHUTDOWN_TIMEOUT; dropping them" in log
