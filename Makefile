@@ -1,9 +1,10 @@
 # The two commands of the README's quick start:
 #   make run    set up a virtual environment and start the server
 #   make test   set up everything the tests need and run them
-# Both work on a fresh Debian/Ubuntu machine with python3; `make test` installs espeak-ng and
-# flite (speech fixtures) with apt-get when they are missing, `make run` flite (the embedded
-# agent's voice).
+# Both work on a fresh Debian/Ubuntu machine with python3. `make run` installs flite (the embedded
+# agent's voice) with apt-get when it is missing; `make test` installs what is missing: espeak-ng
+# and flite (speech fixtures), podman, runc, mmdebstrap and iptables (the container test builds
+# the Docker image and runs it, tests/test_container.py).
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -29,11 +30,17 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt
 	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
 	touch $@ $(VENV)/.run
 
+# Programs the tests run, and the Debian packages that bring them (netavark: podman's network
+# stack, named so that podman never falls back to the other one).
+SYSTEM_PROGRAMS := espeak-ng flite podman runc mmdebstrap iptables
+SYSTEM_PACKAGES := espeak-ng flite podman runc netavark mmdebstrap iptables
+
 system-deps:
-	@if ! command -v espeak-ng >/dev/null || ! command -v flite >/dev/null; then \
+	@missing=$$(for program in $(SYSTEM_PROGRAMS); do command -v $$program >/dev/null || echo $$program; done); \
+	if [ -n "$$missing" ]; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		echo "installing espeak-ng and flite (speech fixtures for the tests)"; \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng flite; \
+		echo "installing $(SYSTEM_PACKAGES) (missing:" $$missing")"; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(SYSTEM_PACKAGES); \
 	fi
 
 voice-deps:

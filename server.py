@@ -503,13 +503,19 @@ async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future |
             started.set_result((port, proxy))
         await stop.wait()
         log.info("shutting down: finishing %d calls in progress", len(proxy.calls) + len(proxy.agent_calls))
+        deadline = asyncio.get_running_loop().time() + settings.shutdown_timeout
         await proxy.drain()  # /readyz and new /twilio upgrades answer 503 meanwhile
         server.close()
         try:
-            async with asyncio.timeout(max(1.0, settings.shutdown_timeout)):
+            async with asyncio.timeout_at(deadline):
                 await server.wait_closed()
         except TimeoutError:
-            log.warning("shutdown: some connections did not close in time")
+            # A peer that never answers our close frame (`websocat -n` does not) would otherwise
+            # hold the exit for websockets' close timeout, again in `serve`'s exit.
+            log.warning("shutdown: %d connections did not close within SHUTDOWN_TIMEOUT; dropping them",
+                        len(server.all_connections))
+            for connection in server.all_connections:
+                connection.transport.abort()
     log.info("stopped")
 
 

@@ -415,9 +415,9 @@ async def test_concurrent_calls_stay_separate_and_exact(stack):
     assert len(stack.proxy.calls) == 0 and stack.proxy.hub.call_sids() == []
 
 
-async def test_sigterm_finishes_calls_in_flight_and_exits_0(tmp_path):
+async def start_server_process(tmp_path, **settings: str) -> tuple[asyncio.subprocess.Process, int]:
+    """`server.py` as a child process on a free port, with the deterministic recogniser: (process, port)."""
     import os
-    import signal
     import socket
     import sys
     from pathlib import Path
@@ -425,13 +425,25 @@ async def test_sigterm_finishes_calls_in_flight_and_exits_0(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "PROXY_URL": f"127.0.0.1:{port}", "STT_ENGINE": "deterministic", "LOG_LEVEL": "INFO"}
+    env = {**os.environ, "PROXY_URL": f"127.0.0.1:{port}", "STT_ENGINE": "deterministic", "LOG_LEVEL": "INFO",
+           **settings}
     env.pop("DEEPGRAM_API_KEY", None)
     server_py = Path(__file__).resolve().parent.parent / "server.py"
     process = await asyncio.create_subprocess_exec(sys.executable, str(server_py), cwd=tmp_path, env=env,
                                                    stderr=asyncio.subprocess.PIPE)
     try:
         await wait_for(lambda: _reachable(port), timeout=30, what="server up")
+    except AssertionError:
+        process.kill()
+        raise
+    return process, port
+
+
+async def test_sigterm_finishes_calls_in_flight_and_exits_0(tmp_path):
+    import signal
+
+    process, port = await start_server_process(tmp_path)
+    try:
         stream = TwilioStream(tracks=["inbound"])
         twilio = await connect(f"ws://127.0.0.1:{port}/twilio")
         await twilio.send(stream.start())
@@ -458,6 +470,35 @@ async def test_sigterm_finishes_calls_in_flight_and_exits_0(tmp_path):
     finals = [m for m in messages if m.get("is_final")]
     assert parse_deterministic(finals[-1]["channel"]["alternatives"][0]["transcript"]).end_ms == 2400
     assert "call ended callSid=" + stream.call_sid in log and "end_of_call=complete" in log
+
+
+async def test_sigterm_exits_within_shutdown_timeout_when_a_subscriber_never_answers_the_close(tmp_path):
+    """`websocat -n` (README "Subscribing") never answers the server's close frame; the server
+    drops it at SHUTDOWN_TIMEOUT instead of waiting websockets' close timeout (10 s) on top."""
+    import signal
+    import time
+
+    process, port = await start_server_process(tmp_path, SHUTDOWN_TIMEOUT="2")
+    subscriber = await asyncio.create_subprocess_exec(
+        websocat_path(), "-n", f"ws://127.0.0.1:{port}/client",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert await asyncio.wait_for(subscriber.stdout.readline(), 10) == b"[]\n"
+        subscriber.stdin.write(b'{"type":"subscribe","callSid":"*"}\n')
+        await subscriber.stdin.drain()
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(process.wait(), 30)
+        seconds = time.monotonic() - started
+        log = (await process.stderr.read()).decode()
+    finally:
+        for child in (process, subscriber):
+            if child.returncode is None:
+                child.kill()
+            await child.wait()
+    assert code == 0, log
+    assert seconds < 2 + 1.5, seconds  # SHUTDOWN_TIMEOUT, plus the process exiting
+    assert "1 connections did not close within SHUTDOWN_TIMEOUT; dropping them" in log
 
 
 def _reachable(port: int) -> bool:
