@@ -15,7 +15,7 @@ import re
 import ssl
 from dataclasses import dataclass, field
 from typing import Mapping
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import security
 
@@ -68,6 +68,13 @@ class Settings:
     ping_interval: float = 20.0  # keepalive pings to every peer
     ping_timeout: float = 20.0  # a peer that does not answer a ping in time is closed (1011)
     max_subscriber_messages: int = 100  # messages a subscriber may send after subscribing
+    # --- history and scaling out (README "Scaling out") ---
+    history_messages: int = 1000  # per call, kept for late joiners ({"history": true})
+    history_seconds: float = 300.0  # how long a call's history outlives the call
+    redis_url: str | None = field(default=None, repr=False)  # may carry a password
+    workers: int = 1  # server processes sharing the port (SO_REUSEPORT); > 1 needs redis_url
+    redis_buffer: int = 10_000  # messages waiting for Redis before new ones are dropped (counted)
+    redis_heartbeat_seconds: float = 2.0  # registry heartbeat; a silent instance is gone after 3 of them
 
     @property
     def engine(self) -> str:
@@ -171,7 +178,45 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         keepalive_seconds=_number(env, "DEEPGRAM_KEEPALIVE_SECONDS", 4.0, 0.5, 9.0, float),
         shutdown_timeout=_number(env, "SHUTDOWN_TIMEOUT", 30.0, 0.0, 3600.0, float),
         **_security_settings(env, host),
+        **_scaling_settings(env),
     )
+
+
+def _scaling_settings(env: Mapping[str, str]) -> dict:
+    redis_url = (env.get("REDIS_URL") or "").strip() or None
+    if redis_url is not None:
+        parts = urlsplit(redis_url)
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+            # The value may hold a password: name the problem, never echo it.
+            raise ConfigError("REDIS_URL", "expected redis://[:password@]host[:port][/db], rediss://… for TLS, "
+                                           "or unix:///path/to/redis.sock")
+    workers = _number(env, "WORKERS", 1, 1, 256)
+    if workers > 1 and redis_url is None:
+        raise ConfigError("WORKERS", f"{workers} workers need REDIS_URL: calls and subscribers of different "
+                                     "workers meet only through Redis")
+    return dict(
+        history_messages=_number(env, "HISTORY_MESSAGES", 1000, 0, 1_000_000),
+        history_seconds=_number(env, "HISTORY_SECONDS", 300.0, 0.0, 7 * 86400.0, float),
+        redis_url=redis_url,
+        workers=workers,
+        redis_buffer=_number(env, "REDIS_BUFFER", 10_000, 1, 10_000_000),
+        redis_heartbeat_seconds=_number(env, "REDIS_HEARTBEAT_SECONDS", 2.0, 0.1, 60.0, float),
+    )
+
+
+def redis_password(redis_url: str | None) -> str | None:
+    """The password in REDIS_URL, for log redaction."""
+    return urlsplit(redis_url).password if redis_url else None
+
+
+def redis_location(redis_url: str) -> str:
+    """REDIS_URL without its credentials, for log lines: rediss://host:6380/0."""
+    parts = urlsplit(redis_url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc, query=""))
 
 
 # --- security settings (README "Security") -------------------------------------------------

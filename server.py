@@ -41,7 +41,7 @@ import security
 import tuning
 from calls import Calls
 from config import ConfigError, Settings, configure_logging, load_settings
-from hub import EVERY_CALL, BadSubscription, Hub, Subscriber, parse_subscription
+from hub import EVERY_CALL, BadSubscription, FanOut, Hub, Subscriber, parse_subscription
 from sendnow import send_now
 from twilio_events import BadEvent, Connected, Media, Start, Stop, Unknown, parse_event
 from throttle import Throttle
@@ -70,7 +70,7 @@ class Proxy:
         self.settings = settings
         self.upstream_url = upstream_url
         self.upstream_key = upstream_key
-        self.hub = Hub()
+        self.hub = make_hub(settings)
         self.calls = Calls(settings, self.hub, self._new_upstream)
         self.ready = True
         self._bad_frame_throttles: defaultdict[str, Throttle] = defaultdict(lambda: Throttle(BAD_FRAME_LOG_INTERVAL))
@@ -261,7 +261,7 @@ class Proxy:
                 await ws.close(CLOSE_NO_SUBSCRIPTION, f"no subscription within {self.settings.handshake_timeout:g} s")
                 return
             try:
-                call_sid, json_mode = parse_subscription(request)
+                call_sid, json_mode, history = parse_subscription(request)
             except BadSubscription as exc:
                 metrics.subscriber_rejections_total.labels("bad_request").inc()
                 await ws.close(CLOSE_BAD_SUBSCRIPTION, str(exc))
@@ -272,12 +272,14 @@ class Proxy:
                 await ws.close(CLOSE_CALL_FULL, f"this call has {limit} subscribers already (MAX_SUBSCRIBERS_PER_CALL)")
                 return
             sub = Subscriber(call_sid, json_mode=json_mode, max_queue=self.settings.subscriber_queue,
-                             peer=_peer(ws))
+                             peer=_peer(ws), history=history)
             if not self.hub.subscribe(sub):
                 metrics.subscriber_rejections_total.labels("unknown_call").inc()
-                await ws.close(CLOSE_UNKNOWN_CALL, "unknown callSid: no such call in progress")
+                await ws.close(CLOSE_UNKNOWN_CALL, "unknown callSid: no such call in progress"
+                               + (" or in the history window" if history else ""))
                 return
-            log.info("subscriber %s joined %s (%s mode)", sub.peer, call_sid, "json" if json_mode else "raw")
+            log.info("subscriber %s joined %s (%s mode%s)", sub.peer, call_sid, "json" if json_mode else "raw",
+                     ", with history" if history else "")
             try:
                 await self._stream_to(ws, sub)
             finally:
@@ -335,6 +337,15 @@ class Proxy:
         self.ready = False
         await self.calls.close_all(self.settings.shutdown_timeout)
         self.hub.shutdown()
+
+
+def make_hub(settings: Settings) -> FanOut:
+    """In-process by default; through Redis when REDIS_URL is set (README "Scaling out")."""
+    if settings.redis_url:
+        from redishub import RedisHub
+
+        return RedisHub(settings)
+    return Hub(settings.history_messages, settings.history_seconds)
 
 
 def _peer(ws: ServerConnection) -> str:
@@ -398,6 +409,8 @@ async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future |
     async with AsyncExitStack() as stack:
         url, key = await start_recogniser(settings, stack)
         proxy = Proxy(settings, url, key)
+        await proxy.hub.start()
+        stack.push_async_callback(proxy.hub.aclose)  # after the calls' last messages (drain below)
         metrics.CALL_FIGURES.sources.add(proxy.calls.figures)  # live per-call counters on /metrics
         stack.callback(metrics.CALL_FIGURES.sources.discard, proxy.calls.figures)
         server = await stack.enter_async_context(serve(
