@@ -72,6 +72,8 @@ class Subscriber:
         self.dropped = False  # fell behind past max_queue
         self._outbox: deque[str | None] = deque()
         self._backlog = 0  # history messages still at the front of the outbox (not counted in max_queue)
+        # callSids whose call_started this subscriber has had (redishub: once, whichever path brings it)
+        self.announced: set[str] = set()
         self._ready = asyncio.Event()
         self.dropped_event = asyncio.Event()  # lets the connection close at once, even mid-send
         # Set by the connection's writer while it waits for a message: writes one now if the
@@ -151,13 +153,14 @@ class FanOut(Protocol):
 class History:
     """One call's messages as JSON subscribers received them, for late joiners (bounded)."""
 
-    def __init__(self, info: CallInfo, max_messages: int):
-        self.call_sid = info.callSid
-        self.started = info.event()
+    def __init__(self, call_sid: str, started: str, max_messages: int):
+        self.call_sid = call_sid
+        self.started = started  # the call_started event
         self.messages: deque[str] = deque(maxlen=max_messages)
+        self.ended: str | None = None  # the call_ended event, once the call is over
         self.omitted = 0  # the oldest messages, pushed out by the bound
         # '{"type":"transcript","callSid":"CA…","data":' once per call, not per message
-        self.transcript_prefix = '{"type":"transcript","callSid":%s,"data":' % json.dumps(info.callSid)
+        self.transcript_prefix = transcript_prefix(call_sid)
 
     def add(self, json_message: str) -> None:
         if len(self.messages) == self.messages.maxlen:
@@ -165,11 +168,20 @@ class History:
         self.messages.append(json_message)
 
     def replay(self) -> list[str]:
-        """`call_started`, a note if the bound pushed messages out, then the messages kept."""
+        """`call_started`, a note if the bound pushed messages out, the messages kept, `call_ended`."""
         head = [self.started]
         if self.omitted:
             head.append(json.dumps({"type": "history_truncated", "callSid": self.call_sid, "omitted": self.omitted}))
-        return head + list(self.messages)
+        return head + list(self.messages) + ([self.ended] if self.ended else [])
+
+
+def transcript_prefix(call_sid: str) -> str:
+    """A JSON subscriber's transcript message is this + Deepgram's message + "}"."""
+    return '{"type":"transcript","callSid":%s,"data":' % json.dumps(call_sid)
+
+
+def event_json(call_sid: str, event: dict) -> str:
+    return json.dumps({"type": event["type"], "callSid": call_sid, **event})
 
 
 class Hub:
@@ -201,14 +213,17 @@ class Hub:
         return call_sid in self._calls
 
     def open_call(self, info: CallInfo) -> None:
+        self._register_call(info, info.event())
+        self._deliver(list(self._everything), json_message=info.event())
+
+    def _register_call(self, info: CallInfo, started: str) -> None:
         self._forget_old_history()
         self._ended.pop(info.callSid, None)  # the same callSid again: a new call, a new history
         self._history.pop(info.callSid, None)
         self._calls[info.callSid] = info
         if self.history_messages:  # HISTORY_MESSAGES=0 turns history off
-            self._history[info.callSid] = History(info, self.history_messages)
+            self._history[info.callSid] = History(info.callSid, started, self.history_messages)
         self._subscribers.setdefault(info.callSid, set())
-        self._deliver(list(self._everything), json_message=info.event())
 
     def publish(self, call_sid: str, message: str) -> int:
         """Deliver one upstream message (already-valid JSON text) to the call's subscribers.
@@ -224,24 +239,29 @@ class Hub:
         if not listeners:
             return 0
         if wrapped is None and any(s.json_mode for s in listeners):
-            wrapped = '{"type":"transcript","callSid":%s,"data":%s}' % (json.dumps(call_sid), message)
+            wrapped = transcript_prefix(call_sid) + message + "}"
         return self._deliver(listeners, raw_message=message, json_message=wrapped)
 
     def publish_event(self, call_sid: str, event: dict) -> int:
         """An event for JSON subscribers only (raw subscribers get Deepgram's messages alone)."""
-        listeners = [*self._subscribers.get(call_sid, ()), *self._everything]
-        event = {"type": event["type"], "callSid": call_sid, **event}
-        message = json.dumps(event)
+        return self._publish_json(call_sid, event_json(call_sid, event))
+
+    def _publish_json(self, call_sid: str, message: str) -> int:
         history = self._history.get(call_sid)
         if history is not None:
             history.add(message)
-        return self._deliver(listeners, json_message=message)
+        return self._deliver([*self._subscribers.get(call_sid, ()), *self._everything], json_message=message)
 
     def close_call(self, call_sid: str, summary: dict) -> None:
         """The call is over and its last message was published: end its subscriptions."""
-        self.publish_event(call_sid, {"type": "call_ended", **summary})
+        self._end_call(call_sid, event_json(call_sid, {"type": "call_ended", **summary}))
+
+    def _end_call(self, call_sid: str, call_ended: str) -> None:
+        self._deliver([*self._subscribers.get(call_sid, ()), *self._everything], json_message=call_ended)
         self._calls.pop(call_sid, None)
-        if call_sid in self._history:
+        history = self._history.get(call_sid)
+        if history is not None:
+            history.ended = call_ended
             self._ended[call_sid] = time.monotonic() + self.history_seconds
         for sub in self._subscribers.pop(call_sid, set()):
             sub.finish()

@@ -76,6 +76,22 @@ limit_refusals_total = Counter(
     registry=REGISTRY,
 )
 
+redis_connected = Gauge("redis_connected", "1 while Redis answers (REDIS_URL set)", registry=REGISTRY)
+redis_publish_waiting = Gauge("redis_publish_waiting", "Entries waiting to be written to Redis", registry=REGISTRY)
+redis_published_total = Counter("redis_published", "Entries written to Redis (calls' messages, starts, ends)",
+                                registry=REGISTRY)
+redis_publish_dropped_total = Counter(
+    "redis_publish_dropped", "Entries not written to Redis because REDIS_BUFFER was full, by kind", ["kind"],
+    registry=REGISTRY,
+)
+redis_received_total = Counter("redis_received", "Entries of other instances' calls read from Redis",
+                               registry=REGISTRY)
+redis_missed_total = Counter(
+    "redis_missed", "Entries of other instances' calls that never arrived (not published, or lost by Redis)",
+    registry=REGISTRY,
+)
+redis_errors_total = Counter("redis_errors", "Failed Redis round trips, by task", ["task"], registry=REGISTRY)
+
 
 # name -> (help, label name or None); a call's figures are {(name, label value or ""): value}.
 CALL_FIGURE_HELP = {
