@@ -283,10 +283,11 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     return raw in ("true", "1", "yes")
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, process: str = "") -> None:
+    """`process` names the worker in every line when WORKERS > 1 ("worker-2")."""
     logging.basicConfig(
         level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s " + (f"{process} " if process else "") + "%(name)s: %(message)s",
     )
     # websockets logs every connection at INFO: with hundreds of calls that drowns our own
     # one-line-per-call logs, so it speaks only at DEBUG or when something is wrong.

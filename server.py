@@ -14,6 +14,7 @@ With no DEEPGRAM_API_KEY the recogniser is the embedded one: a Deepgram-compatib
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import functools
@@ -27,6 +28,7 @@ import ssl
 import sys
 from collections import defaultdict
 from contextlib import AsyncExitStack
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import find_dotenv, load_dotenv
@@ -40,7 +42,7 @@ import metrics
 import security
 import tuning
 from calls import Calls
-from config import ConfigError, Settings, configure_logging, load_settings
+from config import ConfigError, Settings, configure_logging, load_settings, redis_password
 from hub import EVERY_CALL, BadSubscription, FanOut, Hub, Subscriber, parse_subscription
 from sendnow import send_now
 from twilio_events import BadEvent, Connected, Media, Start, Stop, Unknown, parse_event
@@ -401,10 +403,12 @@ async def start_recogniser(settings: Settings, stack: AsyncExitStack) -> tuple[s
     return urlunsplit(urlsplit(stt.url)._replace(query=query)), key
 
 
-async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future | None = None) -> None:
+async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future | None = None, *,
+              reuse_port: bool = False) -> None:
     """Serve until `stop` is set, then shut down gracefully.
 
     `started`, if given, receives (port, proxy) once the server listens (tests bind port 0).
+    `reuse_port`: one of WORKERS processes sharing the port (workers.py).
     """
     async with AsyncExitStack() as stack:
         url, key = await start_recogniser(settings, stack)
@@ -413,6 +417,10 @@ async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future |
         stack.push_async_callback(proxy.hub.aclose)  # after the calls' last messages (drain below)
         metrics.CALL_FIGURES.sources.add(proxy.calls.figures)  # live per-call counters on /metrics
         stack.callback(metrics.CALL_FIGURES.sources.discard, proxy.calls.figures)
+        stack.callback(metrics.flush)  # the last figures, before the source goes
+        if metrics.MULTIPROCESS:  # workers: the others read this one's figures from its files
+            flushing = asyncio.create_task(metrics.flush_periodically())
+            stack.callback(flushing.cancel)
         server = await stack.enter_async_context(serve(
             proxy.handler, settings.host, settings.port,
             process_request=proxy.process_request,
@@ -422,6 +430,7 @@ async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future |
             open_timeout=settings.handshake_timeout,
             ping_interval=settings.ping_interval,
             ping_timeout=settings.ping_timeout,
+            reuse_port=reuse_port,
         ))
         port = server.sockets[0].getsockname()[1]
         scheme = "wss" if settings.tls else "ws"
@@ -441,24 +450,31 @@ async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future |
     log.info("stopped")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Twilio Media Streams in, transcripts out (README).")
+    parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # set by workers.py
+    worker = parser.parse_args(argv).worker
     load_dotenv(find_dotenv(usecwd=True))  # the .env of the directory the server is run from
     try:
         settings = load_settings(os.environ)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, f"worker-{worker}" if worker else "")
     tuning.tune_allocator()
     security.redact_logs([settings.deepgram_api_key, settings.twilio_auth_token, settings.call_token,
-                          *settings.client_tokens])
+                          redis_password(settings.redis_url), *settings.client_tokens])
+    if settings.workers > 1 and not worker:
+        import workers
+
+        return workers.supervise(settings, Path(__file__).resolve())
 
     async def serve_until_signal() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await run(settings, stop)
+        await run(settings, stop, reuse_port=bool(worker))
 
     asyncio.run(serve_until_signal())
     return 0
