@@ -70,6 +70,7 @@ class Subscriber:
         self.peer = peer
         self.max_queue = max_queue
         self.dropped = False  # fell behind past max_queue
+        self.lost = False  # the call vanished with the server carrying it (redishub)
         self._outbox: deque[str | None] = deque()
         self._backlog = 0  # history messages still at the front of the outbox (not counted in max_queue)
         # callSids whose call_started this subscriber has had (redishub: once, whichever path brings it)

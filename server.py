@@ -58,6 +58,7 @@ CLOSE_NO_SUBSCRIPTION = 4408  # nothing subscribed within HANDSHAKE_TIMEOUT
 CLOSE_TOO_MANY_MESSAGES = 4413  # more than MAX_SUBSCRIBER_MESSAGES sent after subscribing
 CLOSE_TOO_SLOW = 4429
 CLOSE_CALL_FULL = 4503  # MAX_SUBSCRIBERS_PER_CALL reached
+CLOSE_CALL_LOST = 4410  # REDIS_URL: the server carrying the call stopped answering
 # On /twilio, a `start` without the expected CALL_TOKEN: Twilio's own code for a bad stream.
 CLOSE_POLICY_VIOLATION = 1008
 
@@ -304,6 +305,8 @@ class Proxy:
         if sub.dropped:
             metrics.subscribers_dropped_total.inc()
             await ws.close(CLOSE_TOO_SLOW, f"too slow: {sub.max_queue} messages queued")
+        elif sub.lost:
+            await ws.close(CLOSE_CALL_LOST, "the server carrying this call stopped answering")
         elif writer.done() and not writer.cancelled() and writer.exception() is None:
             await ws.close(1000, "call ended")
 

@@ -440,6 +440,8 @@ class RedisHub(Hub):
                 self._ensure_feed(change.call_sid, position=id_before(change.start_id))
             elif change.kind == "vanished":
                 log.warning("call %s vanished: the instance carrying it stopped answering", change.call_sid)
+                for sub in self._subscribers.get(change.call_sid, ()):
+                    sub.lost = True
                 self._end_remote(change.call_sid, event_json(change.call_sid, {
                     "type": "call_ended", "endOfCall": "lost",
                     "error": "the server carrying this call stopped answering"}))

@@ -111,20 +111,27 @@ class Publisher:
                 await asyncio.sleep(RETRY_SECONDS)
 
     async def beat(self, full: bool) -> None:
-        """Heartbeat; with `full` (or if our `alive` key had lapsed), register every segment again."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(self.keys.alive(self.me), "1", px=int(self.heartbeat * 3000), get=True)
-        pipe.sadd(self.keys.instances, self.me)
-        for call_sid in self.segments:
-            pipe.pexpire(self.keys.call(call_sid), self.history_ms + int(self.heartbeat * 3000))
-        lapsed = (await pipe.execute())[0] is None
-        if full or lapsed:
+        """Heartbeat. With `full`, or when our `alive` key had lapsed (Redis restarted, or this
+        process was stalled), register every segment again, in one transaction: no one ever
+        sees this instance alive without its segments."""
+        ttl = int(self.heartbeat * 3000)
+        if not full:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(self.keys.alive(self.me), "1", px=ttl, xx=True, get=True)
+            for call_sid in self.segments:
+                pipe.pexpire(self.keys.call(call_sid), self.history_ms + ttl)
+            full = (await pipe.execute())[0] is None
+        if full:
             owned = {sid: json.dumps({"g": g, "i": start_id, "d": started})
                      for sid, (g, start_id, started) in self.segments.items() if start_id}
             pipe = self.client.pipeline(transaction=True)
             pipe.delete(self.keys.owned(self.me))
             if owned:
                 pipe.hset(self.keys.owned(self.me), mapping=owned)
+            pipe.set(self.keys.alive(self.me), "1", px=ttl)
+            pipe.sadd(self.keys.instances, self.me)
+            for call_sid in self.segments:
+                pipe.pexpire(self.keys.call(call_sid), self.history_ms + ttl)
             await pipe.execute()
         self._up()
 
