@@ -134,7 +134,9 @@ class FanOut(Protocol):
     valid JSON text), `publish_event` for events JSON subscribers alone receive, `close_call`
     after the last one. Subscribers: `subscribe` is False for an unknown call (or, with
     history, one that ended longer than HISTORY_SECONDS ago). `start`/`aclose` bracket the
-    hub's life (connections, background tasks); `shutdown` ends the subscriptions left.
+    hub's life (connections, background tasks). Shutting down, once this process's calls have
+    ended, `settle` waits (bounded) for the calls that other processes carry to this process's
+    subscribers, and `shutdown` ends the subscriptions left.
     """
 
     def call_sids(self) -> list[str]: ...
@@ -148,6 +150,7 @@ class FanOut(Protocol):
     def subscriber_count(self, call_sid: str | None = None) -> int: ...
     def shutdown(self) -> None: ...
     async def start(self) -> None: ...
+    async def settle(self, timeout: float) -> None: ...
     async def aclose(self) -> None: ...
 
 
@@ -200,6 +203,9 @@ class Hub:
 
     async def start(self) -> None:
         """Nothing to connect to."""
+
+    async def settle(self, timeout: float) -> None:
+        """Shutting down, this process's calls are over: nothing else to wait for."""
 
     async def aclose(self) -> None:
         """Nothing to disconnect from."""

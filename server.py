@@ -340,7 +340,9 @@ class Proxy:
     async def drain(self) -> None:
         """Not ready any more; finish every call's end-of-call sequence (bounded)."""
         self.ready = False
+        deadline = asyncio.get_running_loop().time() + self.settings.shutdown_timeout
         await self.calls.close_all(self.settings.shutdown_timeout)
+        await self.hub.settle(max(0.0, deadline - asyncio.get_running_loop().time()))
         self.hub.shutdown()
 
 

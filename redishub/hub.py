@@ -256,6 +256,14 @@ class RedisHub(Hub):
             s for subs in self._pending.values() for s in subs if s.call_sid != EVERY_CALL]
         return super().subscriber_count(call_sid) + len(pending)
 
+    async def settle(self, timeout: float) -> None:
+        """Shutting down: this instance's calls are over; give its subscribers of calls carried
+        elsewhere their calls' last messages (those instances may be stopping too: WORKERS)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(
+                subs for sid, subs in (*self._subscribers.items(), *self._pending.items()) if sid not in self._calls):
+            await asyncio.sleep(0.05)
+
     def shutdown(self) -> None:
         for waiting in self._pending.values():
             for sub in waiting:

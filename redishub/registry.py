@@ -8,10 +8,11 @@ Two sources keep it right:
   still there, taken together with the lifecycle stream's last id, so the reader applies the
   lifecycle entries up to that id first and the snapshot then agrees with them exactly.
 
-An instance whose `alive` key has been missing for `dead_after` seconds (three heartbeats) is
-gone: its segments are dropped, and a call left with none has *vanished* (its subscribers are
-told `call_ended` with `"endOfCall": "lost"`). After this reader reconnects to Redis every
-instance gets the full time again to re-register (a restarted Redis starts empty).
+An instance whose `alive` key is gone (it expires three heartbeats after the instance's last
+one) is gone too: its segments are dropped, and a call left with none has *vanished* (its
+subscribers are told `call_ended` with `"endOfCall": "lost"`). For `dead_after` seconds after
+this reader reconnects to Redis no instance is declared gone: a restarted Redis starts empty,
+and every instance needs a moment to register again.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class Registry:
         self.dead_after = dead_after
         self.calls: dict[str, KnownCall] = {}
         self.ended: OrderedDict[str, tuple[float, str, str]] = OrderedDict()  # -> (until, started, call_ended)
-        self.seen_alive: dict[str, float] = {}
+        self.alive: dict[str, bool] = {}  # other instances, as the last snapshot found them
+        self.grace_until = 0.0
 
     def remote_owners(self, call_sid: str) -> dict[Owner, str]:
         call = self.calls.get(call_sid)
@@ -64,7 +66,6 @@ class Registry:
 
     def lifecycle(self, fields: dict[str, str], now: float) -> list[Change]:
         call_sid, owner = fields["c"], (fields["o"], int(fields["g"]))
-        self.seen_alive[owner[0]] = now
         if fields["k"] == START:
             return self._segment(call_sid, owner, fields["i"], fields["d"])
         if fields["k"] == END:
@@ -106,24 +107,18 @@ class Registry:
         """Every instance as Redis has it: (id, alive, {callSid: owned value}), taken right
         after the lifecycle entries this registry has applied."""
         changes: list[Change] = []
-        listed: dict[str, dict[str, str]] = {}
-        for instance, alive, owned in instances:
-            if instance == self.me:
-                continue
-            self.seen_alive.setdefault(instance, now)
-            if alive:
-                self.seen_alive[instance] = now
-                listed[instance] = owned
+        self.alive = {instance: alive for instance, alive, _ in instances if instance != self.me}
+        listed = {instance: owned for instance, alive, owned in instances if alive and instance != self.me}
         for instance, owned in listed.items():
             for call_sid, value in owned.items():
                 record = json.loads(value)
                 changes += self._segment(call_sid, (instance, int(record["g"])), record["i"], record["d"])
-        # A live instance's segment that its hash no longer lists ended without a lifecycle
-        # entry reaching us (a Redis restart lost it): drop it like a dead instance's.
+        # A live instance's segment that its hash no longer lists ended without its lifecycle
+        # entry reaching us (a Redis restart lost it); a segment of an instance that is not alive
+        # is over. Either way it goes, and a call with no segment left has vanished.
+        dead = now >= self.grace_until
         gone = [(sid, o) for sid, call in self.calls.items() for o in call.owners
-                if o[0] in listed and sid not in listed[o[0]]]
-        gone += [(sid, o) for sid, call in self.calls.items() for o in call.owners
-                 if o[0] != self.me and now - self.seen_alive.setdefault(o[0], now) > self.dead_after]
+                if o[0] != self.me and (sid not in listed[o[0]] if o[0] in listed else dead)]
         for call_sid, owner in gone:
             call = self.calls.get(call_sid)
             if call is not None:
@@ -134,13 +129,12 @@ class Registry:
         return changes
 
     def dead_instances(self, now: float) -> list[str]:
-        """Instances not seen alive for `dead_after` seconds (to clean their keys up)."""
-        return [i for i, seen in self.seen_alive.items() if i != self.me and now - seen > self.dead_after]
+        """Instances registered but not alive (to clean their keys up)."""
+        return [i for i, alive in self.alive.items() if not alive] if now >= self.grace_until else []
 
     def forget_instance(self, instance: str) -> None:
-        self.seen_alive.pop(instance, None)
+        self.alive.pop(instance, None)
 
     def grace(self, now: float) -> None:
-        """Reconnected: every instance gets the full `dead_after` again to re-register."""
-        for instance in self.seen_alive:
-            self.seen_alive[instance] = now
+        """Reconnected: give every instance `dead_after` to register again."""
+        self.grace_until = now + self.dead_after
