@@ -14,6 +14,7 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 COPY *.py ./
+COPY redishub/ ./redishub/
 
 RUN useradd --create-home --uid 10001 proxy
 USER proxy

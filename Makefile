@@ -2,7 +2,7 @@
 #   make run    set up a virtual environment and start the server
 #   make test   set up everything the tests need and run them
 # Both work on a fresh Debian/Ubuntu machine with python3; `make test` installs espeak-ng and
-# flite (speech fixtures) with apt-get when they are missing.
+# flite (speech fixtures) and redis-server (the scale-out tests) with apt-get when they are missing.
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -29,10 +29,10 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt
 	touch $@ $(VENV)/.run
 
 system-deps:
-	@if ! command -v espeak-ng >/dev/null || ! command -v flite >/dev/null; then \
+	@if ! command -v espeak-ng >/dev/null || ! command -v flite >/dev/null || ! command -v redis-server >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		echo "installing espeak-ng and flite (speech fixtures for the tests)"; \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng flite; \
+		echo "installing espeak-ng and flite (speech fixtures) and redis-server (scale-out tests)"; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng flite redis-server; \
 	fi
 
 clean:
