@@ -25,7 +25,6 @@ bench/bench.py. Targets are printed as met/missed; nothing here is a test assert
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import shutil
@@ -36,11 +35,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from bench import (
-    FRAME_MS, HERE, PY, ROOT, API_KEY, Bench, Proc, Report, RunResult, RunSpec, fmt, free_port, growth_ms,
-    machine, parse_args as bench_args, pct, proc_cpu, wait_http,
+    API_KEY, HERE, PY, ROOT, Bench, Proc, Report, RunResult, RunSpec, finish, fmt, free_port, growth_ms,
+    machine, parse_args as bench_args, pct, proc_cpu, proc_times, wait_http,
 )
 
 
@@ -65,14 +63,16 @@ def tree(pid: int) -> list[int]:
     return pids
 
 
-def tree_cpu(pids: list[int]) -> float:
-    total = 0.0
+def tree_times(pids: list[int]) -> tuple[float, float]:
+    """(utime, stime) summed over the processes."""
+    user = system = 0.0
     for pid in pids:
         try:
-            total += proc_cpu(pid)
+            u, s = proc_times(pid)
         except OSError:
-            pass
-    return total
+            continue
+        user, system = user + u, system + s
+    return user, system
 
 
 def start_redis(d: Path) -> tuple[Proc, int]:
@@ -141,10 +141,11 @@ class Runner:
             wait_http(port)
         time.sleep(1.0)  # workers started, Redis registrations done
         pids = [pid for server, _ in servers for pid in tree(server.pid)]
-        wave = self._wave(res, d, servers[0][1], servers[setup.subs_on][1], pids, redis, procs)
+        wave = b._wave(res.spec, res, d / "w0", servers[0][1], servers[0][0], procs, subs_port=servers[setup.subs_on][1],
+                       cpu=lambda: tree_times(pids), extra_cpu=lambda: proc_cpu(redis.pid) if redis else 0.0)
         res.frames, res.cpu_s, res.window_s = wave["frames"], wave["cpu"], wave["window"]
         res.lag_p99 = wave["lag_p99"]
-        res.notes.append(f"redis_cpu={wave['redis_cpu']}")
+        res.notes.append(f"redis_cpu={wave['extra_cpu']}")
         for server, _ in servers:
             code = server.stop()
             if code != 0:
@@ -152,54 +153,6 @@ class Runner:
         fake.stop()
         with open(d / "fake.pickle", "rb") as f:
             b._latencies(res, pickle.load(f), [wave])
-
-    def _wave(self, res: RunResult, d: Path, twilio_port: int, subs_port: int, pids: list[int],
-              redis: Proc | None, procs: list[Proc]) -> dict:
-        spec = res.spec
-        ticks = int(spec.seconds * 1000 / FRAME_MS)
-        sids = [f"CA{self.b.run_no:02d}so{i:06d}".ljust(34, "0")[:34] for i in range(spec.n)]
-        cfg = {"url": f"ws://127.0.0.1:{twilio_port}/twilio", "call_sids": sids, "ticks": ticks, "pace": "realtime",
-               "out": str(d / "twilio.pickle"), "align_results": self.b.args.align_results}
-        (d / "twilio.json").write_text(json.dumps(cfg))
-        tw = Proc("loadgen-twilio", [PY, str(HERE / "loadgen.py"), "twilio", str(d / "twilio.json")],
-                  log=d / "twilio.log", stdin=True)
-        procs.append(tw)
-        tw.expect("READY", 60 + spec.n * 0.2)
-        subs = None
-        if spec.subs:
-            time.sleep(0.5)  # every call registered in Redis, so every instance lists it
-            scfg = {"url": f"ws://127.0.0.1:{subs_port}/client", "call_sids": sids, "per_call": spec.subs,
-                    "out": str(d / "subs.pickle"), "deadline": spec.seconds + 120}
-            (d / "subs.json").write_text(json.dumps(scfg))
-            subs = Proc("loadgen-subs", [PY, str(HERE / "loadgen.py"), "subs", str(d / "subs.json")], log=d / "subs.log")
-            procs.append(subs)
-            subs.expect("READY", 60 + spec.n * spec.subs * 0.05)
-            time.sleep(0.5)  # the subscribers' streams have their positions
-        tw.tell("GO")
-        t0 = float(tw.expect("T0", 10).split()[1])
-        warm = t0 + min(spec.warmup, spec.seconds / 4) + 1.0
-        w1 = t0 + spec.seconds - 0.5
-        time.sleep(max(0.0, warm - time.monotonic()))
-        c0, r0 = tree_cpu(pids), proc_cpu(redis.pid) if redis else 0.0
-        time.sleep(max(0.0, w1 - time.monotonic()))
-        c1, r1 = tree_cpu(pids), proc_cpu(redis.pid) if redis else 0.0
-        tw.expect("SENT", 60 + spec.seconds)
-        tw.expect("DONE", 60)
-        with open(d / "twilio.pickle", "rb") as f:
-            twr = pickle.load(f)
-        frames = sum(2 * int(np.count_nonzero((a >= warm) & (a < w1)))
-                     for a in (np.frombuffer(arr, dtype=np.float64) for arr in twr["sent_at"].values()))
-        lag = np.frombuffer(twr["lag"], dtype=np.float64) if len(twr["lag"]) else np.zeros(1)
-        sb = None
-        if subs is not None:
-            subs.expect("DONE", 120)
-            with open(d / "subs.pickle", "rb") as f:
-                sb = pickle.load(f)
-            subs.stop()
-        tw.stop()
-        return {"frames": frames, "cpu": c1 - c0, "redis_cpu": r1 - r0, "window": w1 - warm,
-                "lag_p99": float(np.percentile(lag, 99)), "t0": t0, "sent_at": twr["sent_at"], "subs": sb,
-                "warm_from": warm}
 
 
 def redis_cpu(r: RunResult) -> float:
@@ -352,17 +305,7 @@ def main(argv=None) -> int:
             scenario_capacity(runner, rep, args.capacity_ns, args.capacity_seconds)
         failed = False
     finally:
-        rep.add("### Targets", "")
-        rep.table(["target", "measured", "verdict"], [list(t) for t in rep.targets])
-        rep.add(f"benchmark wall time {time.monotonic() - started:.0f} s; run directory {bench.tmp}"
-                + ("" if args.keep or failed else " (removed)"))
-        print("\n".join(rep.lines), flush=True)
-        if args.json:
-            rep.data["targets"] = rep.targets
-            rep.data["machine"] = machine()
-            args.json.write_text(json.dumps(rep.data, indent=1, default=str))
-        if not args.keep and not failed:
-            shutil.rmtree(bench.tmp, ignore_errors=True)
+        finish(rep, bench, args, started, failed)
     return 0
 
 

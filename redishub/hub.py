@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import os
 import secrets
@@ -39,7 +38,7 @@ from redis.retry import Retry
 
 import metrics
 from config import Settings, redis_location
-from hub import EVERY_CALL, CallInfo, History, Hub, Subscriber, event_json, transcript_prefix
+from hub import EVERY_CALL, CallInfo, Hub, Subscriber, event_json, transcript_prefix
 from redishub import scripts
 from redishub.entries import END, EVENT, MSG, START, Entry, Keys, SegmentTracker, id_before, parse_id
 from redishub.publisher import Publisher

@@ -21,7 +21,7 @@ from pathlib import Path
 from websockets.asyncio.client import connect
 
 from conftest import LISTEN_QUERY, STT_KEY, wait_for
-from test_integration import _http_get
+from test_integration import _http_get, metric_values
 from speech import require_program
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,13 +121,7 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     async def metrics(self) -> dict[str, float]:
-        text = await asyncio.to_thread(_http_get, self.port, "/metrics")
-        values = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                values[name] = float(value)
-        return values
+        return await metric_values(self.port)
 
     async def greeting(self) -> list[str]:
         """The calls in progress as a new /client connection is told them."""
