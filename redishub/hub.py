@@ -110,6 +110,7 @@ class RedisHub(Hub):
         self._tasks: set[asyncio.Task] = set()  # the reader, catch-ups (the publisher apart)
         self._publishing: asyncio.Task | None = None
         self._read_errors = Throttle(10.0)
+        self._bad_entries = Throttle(10.0)
 
     # --- life --------------------------------------------------------------------------------
 
@@ -119,7 +120,7 @@ class RedisHub(Hub):
             async with asyncio.timeout(3):
                 await self.publisher.beat(full=True)
         except (RedisError, OSError, TimeoutError) as exc:
-            self.publisher._down(exc)
+            self.publisher.unreachable(exc)
         self._publishing = asyncio.create_task(self.publisher.run())
         self._spawn(self._read())
 
@@ -314,9 +315,18 @@ class RedisHub(Hub):
                     self._read_failed(exc, "catch_up")
                     await asyncio.sleep(RETRY_SECONDS)
                     continue
-                self._caught_up(feed, [Entry.parse(i, f) for i, f in reversed(newest_first)])
+                self._caught_up(feed, self._parse_entries(feed.key, reversed(newest_first)))
         finally:
             feed.catching_up = False
+
+    def _parse_entries(self, key: str, raw) -> list[Entry]:
+        entries = []
+        for entry_id, fields in raw:
+            try:
+                entries.append(Entry.parse(entry_id, fields))
+            except (KeyError, ValueError):
+                self._bad_entry(key, entry_id)
+        return entries
 
     def _caught_up(self, feed: Feed, entries: list[Entry]) -> None:
         """Synchronous, so the feed's position cannot move while history is cut at it."""
@@ -382,16 +392,19 @@ class RedisHub(Hub):
                 streams = {self.keys.lifecycle: self._lifecycle_position}
                 streams.update({f.key: f.position for f in self._feeds.values() if f.position is not None})
                 reply = await self.redis.xread(streams, count=READ_COUNT, block=BLOCK_MS)
+                for key, entries in reply or ():
+                    if key == self.keys.lifecycle:
+                        self._lifecycle(entries)
+                    else:
+                        self._feed_entries(self._feeds.get(self.keys.call_sid(key)), entries)
             except (RedisError, OSError) as exc:
                 connected = False
                 self._read_failed(exc, "read")
                 await asyncio.sleep(RETRY_SECONDS)
-                continue
-            for key, entries in reply or ():
-                if key == self.keys.lifecycle:
-                    self._lifecycle(entries)
-                else:
-                    self._feed_entries(self._feeds.get(self.keys.call_sid(key)), entries)
+            except Exception:  # a bug must not end cross-instance delivery silently
+                metrics.redis_errors_total.labels("read").inc()
+                log.exception("reading from Redis: unexpected error; going on")
+                await asyncio.sleep(RETRY_SECONDS)
 
     def _read_failed(self, exc: BaseException, task: str) -> None:
         metrics.redis_errors_total.labels(task).inc()
@@ -437,7 +450,20 @@ class RedisHub(Hub):
         now = time.monotonic()
         for entry_id, fields in entries:
             self._lifecycle_position = entry_id
-            self._apply(self.registry.lifecycle(fields, now))
+            try:
+                changes = self.registry.lifecycle(fields, now)
+            except (KeyError, ValueError, TypeError):
+                self._bad_entry(self.keys.lifecycle, entry_id)
+                continue
+            self._apply(changes)
+
+    def _bad_entry(self, key: str, entry_id: str) -> None:
+        """An entry this code did not write (or a bug): skipped, counted, logged (rate-limited)."""
+        metrics.redis_errors_total.labels("bad_entry").inc()
+        count = self._bad_entries.hit()
+        if count:
+            log.warning("Redis entry %s of %s is not one of ours: skipped (%d since the last report)",
+                        entry_id, key, count)
 
     def _apply(self, changes: list[Change]) -> None:
         for change in changes:
@@ -458,7 +484,11 @@ class RedisHub(Hub):
             return
         for entry_id, fields in entries:
             feed.position = entry_id
-            entry = Entry.parse(entry_id, fields)
+            try:
+                entry = Entry.parse(entry_id, fields)
+            except (KeyError, ValueError):
+                self._bad_entry(feed.key, entry_id)
+                continue
             missed = feed.tracker.missed
             if not feed.tracker.accept(entry):
                 continue

@@ -95,6 +95,7 @@ class Publisher:
         next_beat = 0.0
         full = True  # register everything: at the start and after every failure
         while True:
+            batch: list[tuple] = []
             try:
                 if time.monotonic() >= next_beat:
                     await self.beat(full)
@@ -103,7 +104,8 @@ class Publisher:
                 if self.queue:
                     if len(self.queue) < BATCH:  # let what arrives meanwhile share the round trip
                         await asyncio.sleep(COALESCE_SECONDS)
-                    await self._send(list(islice(self.queue, BATCH)))
+                    batch = list(islice(self.queue, BATCH))
+                    await self._send(batch)
                 else:
                     self._wake.clear()
                     try:
@@ -111,9 +113,16 @@ class Publisher:
                             await self._wake.wait()
                     except TimeoutError:
                         pass
-            except (RedisError, OSError) as exc:
-                self._down(exc)
+            except (RedisError, OSError) as exc:  # Redis unreachable or slow: keep the queue, retry
+                self.unreachable(exc)
                 full, next_beat = True, 0.0
+                await asyncio.sleep(RETRY_SECONDS)
+            except Exception:  # a bug: say so, drop what could not be sent (counted), go on
+                log.exception("publishing to Redis: unexpected error; %d entries dropped", len(batch))
+                for _ in batch:
+                    self.queue.popleft()
+                metrics.redis_publish_dropped_total.labels("error").inc(len(batch))
+                metrics.redis_errors_total.labels("publish").inc()
                 await asyncio.sleep(RETRY_SECONDS)
 
     async def beat(self, full: bool) -> None:
@@ -174,7 +183,7 @@ class Publisher:
             await self._close(keys, [prefix, self.me, segment, call_sid, n, ended, int(delivered), self.maxlen,
                                      LIFECYCLE_MAXLEN, self.history_ms], client=pipe)
 
-    def _down(self, exc: BaseException) -> None:
+    def unreachable(self, exc: BaseException) -> None:
         metrics.redis_errors_total.labels("publish").inc()
         metrics.redis_publish_waiting.set(len(self.queue))
         if self.connected is not False:

@@ -111,8 +111,11 @@ class Registry:
         listed = {instance: owned for instance, alive, owned in instances if alive and instance != self.me}
         for instance, owned in listed.items():
             for call_sid, value in owned.items():
-                record = json.loads(value)
-                changes += self._segment(call_sid, (instance, int(record["g"])), record["i"], record["d"])
+                try:
+                    record = json.loads(value)
+                    changes += self._segment(call_sid, (instance, int(record["g"])), record["i"], record["d"])
+                except (KeyError, ValueError, TypeError):  # not written by this code: not a segment
+                    continue
         # A live instance's segment that its hash no longer lists ended without its lifecycle
         # entry reaching us (a Redis restart lost it); a segment of an instance that is not alive
         # is over. Either way it goes, and a call with no segment left has vanished.

@@ -130,3 +130,47 @@ async def test_the_publisher_queue_is_bounded_and_counts_what_it_could_not_keep(
     publisher.close("CA1", 1, 6, "{}", True)  # starts and ends may use twice the bound
     assert len(publisher.queue) == 4 and [op[0] for op in publisher.queue] == ["open", "add", "add", "close"]
     await client.aclose()
+
+
+async def test_entries_not_written_by_this_code_are_skipped_counted_and_the_rest_delivered(tmp_path):
+    """Two hubs in one process against a real redis-server; junk lands in a call's stream."""
+    import asyncio
+
+    import metrics
+    from cluster import RedisServer
+    from config import Settings
+    from hub import Subscriber
+    from redishub import RedisHub
+
+    redis = RedisServer(tmp_path).start()
+    try:
+        settings = Settings(redis_url=redis.url, redis_heartbeat_seconds=0.3)
+        a, b = RedisHub(settings, instance="A"), RedisHub(settings, instance="B")
+        await a.start()
+        await b.start()
+        a.open_call(CallInfo("CA1", "MZ1", "AC1", ("inbound",), {}, "2026-01-01T00:00:00.000+00:00"))
+        for _ in range(100):
+            if b.has_call("CA1"):
+                break
+            await asyncio.sleep(0.02)
+        sub = Subscriber("CA1", json_mode=False, max_queue=100)
+        assert b.subscribe(sub)
+        await asyncio.sleep(0.3)  # its stream position is known
+        bad = metrics.redis_errors_total.labels("bad_entry")
+        before = bad._value.get()
+        a.publish("CA1", '{"n":1}')
+        await asyncio.sleep(0.1)
+        await a.redis.xadd(a.keys.call("CA1"), {"not": "ours"})
+        await a.redis.xadd(a.keys.call("CA1"), {"o": "Z", "g": "x", "n": "1", "k": "msg", "d": "{}"})
+        a.publish("CA1", '{"n":2}')
+        a.close_call("CA1", {})
+        for _ in range(100):
+            if sub.pending and sub._outbox[-1] is None:
+                break
+            await asyncio.sleep(0.02)
+        assert [sub.take() for _ in range(sub.pending)] == ['{"n":1}', '{"n":2}', None]
+        assert bad._value.get() - before == 2
+        await a.aclose()
+        await b.aclose()
+    finally:
+        redis.stop()
