@@ -1,7 +1,7 @@
 """Scale-out benchmark: Redis between instances, and WORKERS on one machine (README "Scaling out").
 
-    .venv/bin/python bench/scaleout.py            # the full run (about 20 minutes)
-    .venv/bin/python bench/scaleout.py --quick    # a smoke run (about 3 minutes)
+    .venv/bin/python bench/scaleout.py            # the full run (about 6-15 minutes)
+    .venv/bin/python bench/scaleout.py --quick    # a smoke run (about 2 minutes)
     .venv/bin/python bench/scaleout.py --only latency,cpu,capacity --keep
 
 Scenarios (each compares against a baseline measured in the same run, alternating):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 
 import pytest
@@ -327,6 +329,17 @@ async def test_workers_2_serve_calls_on_both_workers_metrics_sum_them_and_sigter
         assert metrics["calls_total"] == len(calls) and metrics["media_frames_total"] == 20 * len(calls)
         assert metrics["calls_active"] == 0
 
+    # A worker that dies is started again; what it counted stays counted.
+    worker = worker_pids(server.process.pid)[0]
+    os.kill(worker, signal.SIGKILL)
+    await wait_for(lambda: "starting it again" in server.log_text(), what="the worker to be restarted")
+    await wait_for(lambda: len(worker_pids(server.process.pid)) == 2 and worker not in worker_pids(server.process.pid),
+                   what="two workers again")
+    await asyncio.sleep(1.5)
+    for _ in range(4):
+        metrics = await server.metrics()
+        assert metrics["calls_total"] == len(calls) and metrics["media_frames_total"] == 20 * len(calls)
+
     # SIGTERM with a call in flight: both workers finish their calls and exit.
     stream = TwilioStream(tracks=["inbound"])
     twilio = await connect(server.url("/twilio"))
@@ -380,6 +393,11 @@ async def test_a_handover_to_another_instance_continues_the_transcript_under_the
     assert (on_a.close_code, on_b.close_code, raw_b.close_code) == (1000, 1000, 1000)
     for server in (a, b):
         await server.wait_listed(first.call_sid, listed=False)
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    with open(f"/proc/{supervisor}/task/{supervisor}/children") as f:
+        return [int(pid) for pid in f.read().split()]
 
 
 def assert_merge_of(got: list[str], first: list[str], second: list[str]) -> None:
