@@ -27,7 +27,7 @@ from typing import Callable, Protocol
 import metrics
 from audio import StereoMixer
 from config import Settings
-from hub import CallInfo, Hub
+from hub import CallInfo, FanOut
 from twilio_events import Media, Start
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ UpstreamFactory = Callable[..., Upstream]  # (call_sid, on_message, on_error) ->
 
 
 class Call:
-    def __init__(self, start: Start, settings: Settings, hub: Hub, upstream_factory: UpstreamFactory):
+    def __init__(self, start: Start, settings: Settings, hub: FanOut, upstream_factory: UpstreamFactory):
         self.call_sid = start.callSid
         self.stream_sid = start.streamSid
         self.hub = hub
@@ -156,7 +156,7 @@ def _format_counts(counts: dict[str, int]) -> str:
 class Calls:
     """The registry of calls in progress, keyed by callSid."""
 
-    def __init__(self, settings: Settings, hub: Hub, upstream_factory: UpstreamFactory):
+    def __init__(self, settings: Settings, hub: FanOut, upstream_factory: UpstreamFactory):
         self.settings = settings
         self.hub = hub
         self.upstream_factory = upstream_factory

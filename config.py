@@ -16,7 +16,7 @@ import re
 import ssl
 from dataclasses import dataclass, field
 from typing import Mapping
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import security
 from agent.tools import ToolError, ToolRegistry, load_tools
@@ -101,6 +101,13 @@ class Settings:
     agent_llm_model: str | None = None
     agent_llm_api_key: str | None = field(default=None, repr=False)
     agent_llm_timeout: float = 15.0  # seconds for one chat completion
+    # --- history and scaling out (README "Scaling out") ---
+    history_messages: int = 1000  # per call, kept for late joiners ({"history": true})
+    history_seconds: float = 300.0  # how long a call's history outlives the call
+    redis_url: str | None = field(default=None, repr=False)  # may carry a password
+    workers: int = 1  # server processes sharing the port (SO_REUSEPORT); > 1 needs redis_url
+    redis_buffer: int = 10_000  # messages waiting for Redis before new ones are dropped (counted)
+    redis_heartbeat_seconds: float = 2.0  # registry heartbeat; a silent instance is gone after 3 of them
 
     @property
     def engine(self) -> str:
@@ -211,6 +218,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         **_security_settings(env, host),
         **_agent_settings(env, api_key),
         **_embedded_agent_settings(env),
+        **_scaling_settings(env),
     )
 
 
@@ -237,6 +245,43 @@ def _embedded_agent_settings(env: Mapping[str, str]) -> dict:
         agent_llm_api_key=(env.get("AGENT_LLM_API_KEY") or "").strip() or None,
         agent_llm_timeout=_number(env, "AGENT_LLM_TIMEOUT", 15.0, 0.5, 300.0, float),
     )
+
+
+def _scaling_settings(env: Mapping[str, str]) -> dict:
+    redis_url = (env.get("REDIS_URL") or "").strip() or None
+    if redis_url is not None:
+        parts = urlsplit(redis_url)
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+            # The value may hold a password: name the problem, never echo it.
+            raise ConfigError("REDIS_URL", "expected redis://[:password@]host[:port][/db], rediss://… for TLS, "
+                                           "or unix:///path/to/redis.sock")
+    workers = _number(env, "WORKERS", 1, 1, 256)
+    if workers > 1 and redis_url is None:
+        raise ConfigError("WORKERS", f"{workers} workers need REDIS_URL: calls and subscribers of different "
+                                     "workers meet only through Redis")
+    return dict(
+        history_messages=_number(env, "HISTORY_MESSAGES", 1000, 0, 1_000_000),
+        history_seconds=_number(env, "HISTORY_SECONDS", 300.0, 0.0, 7 * 86400.0, float),
+        redis_url=redis_url,
+        workers=workers,
+        redis_buffer=_number(env, "REDIS_BUFFER", 10_000, 1, 10_000_000),
+        redis_heartbeat_seconds=_number(env, "REDIS_HEARTBEAT_SECONDS", 2.0, 0.1, 60.0, float),
+    )
+
+
+def redis_password(redis_url: str | None) -> str | None:
+    """The password in REDIS_URL, for log redaction."""
+    return urlsplit(redis_url).password if redis_url else None
+
+
+def redis_location(redis_url: str) -> str:
+    """REDIS_URL without its credentials, for log lines: rediss://host:6380/0."""
+    parts = urlsplit(redis_url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc, query=""))
 
 
 # --- security settings (README "Security") -------------------------------------------------
@@ -358,10 +403,11 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     return raw in ("true", "1", "yes")
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, process: str = "") -> None:
+    """`process` names the worker in every line when WORKERS > 1 ("worker-2")."""
     logging.basicConfig(
         level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s " + (f"{process} " if process else "") + "%(name)s: %(message)s",
     )
     # websockets logs every connection at INFO: with hundreds of calls that drowns our own
     # one-line-per-call logs, so it speaks only at DEBUG or when something is wrong.

@@ -13,7 +13,16 @@ Two kinds of subscription share the same machinery:
   `call_started` / `call_ended` events; a subscription to "*" receives every call, present and
   future, and stays open between calls.
 
+Late join: a JSON subscription with `"history": true` first receives what JSON subscribers of
+that call have received so far (kept per call, bounded by HISTORY_MESSAGES, and for
+HISTORY_SECONDS after the call ended), then the live messages. Both happen in the same step on
+the event loop, so nothing falls between them and nothing comes twice.
+
 All methods are plain functions called on the event loop, so no lock is needed anywhere.
+
+`FanOut` is the interface calls and the /client handler use. `Hub` is the in-process
+implementation (one server process); `redishub.RedisHub` implements it across processes and
+machines through Redis, and keeps a `Hub` inside for its own calls.
 """
 
 from __future__ import annotations
@@ -21,9 +30,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +67,19 @@ class Subscriber:
     None once the subscription is over (call ended, server stopping, or dropped as too slow).
     """
 
-    def __init__(self, call_sid: str, *, json_mode: bool, max_queue: int, peer: str = ""):
+    def __init__(self, call_sid: str, *, json_mode: bool, max_queue: int, peer: str = "",
+                 history: bool = False):
         self.call_sid = call_sid
         self.json_mode = json_mode
+        self.history = history  # JSON mode only: the call's messages so far come first
         self.peer = peer
         self.max_queue = max_queue
         self.dropped = False  # fell behind past max_queue
+        self.lost = False  # the call vanished with the server carrying it (redishub)
         self._outbox: deque[str | None] = deque()
+        self._backlog = 0  # history messages still at the front of the outbox (not counted in max_queue)
+        # callSids whose call_started this subscriber has had (redishub: once, whichever path brings it)
+        self.announced: set[str] = set()
         self._ready = asyncio.Event()
         self.dropped_event = asyncio.Event()  # lets the connection close at once, even mid-send
         # Set by the connection's writer while it waits for a message: writes one now if the
@@ -74,11 +90,17 @@ class Subscriber:
         """Send or queue a message; False (and nothing queued) if the outbox is full."""
         if not self._outbox and self.send_now is not None and self.send_now(message):
             return True
-        if len(self._outbox) >= self.max_queue:
+        if len(self._outbox) - self._backlog >= self.max_queue:
             return False
         self._outbox.append(message)
         self._ready.set()
         return True
+
+    def preload(self, messages: list[str]) -> None:
+        """Queue a call's history: bounded by HISTORY_MESSAGES, so outside the live bound."""
+        self._outbox.extend(messages)
+        self._backlog += len(messages)
+        self._ready.set()
 
     def finish(self) -> None:
         """No more messages: `next()` returns None once the outbox is empty."""
@@ -89,6 +111,7 @@ class Subscriber:
         """Too slow: discard what is queued and end the subscription now."""
         self.dropped = True
         self._outbox.clear()
+        self._backlog = 0
         self.finish()
         self.dropped_event.set()
 
@@ -96,6 +119,12 @@ class Subscriber:
         while not self._outbox:
             self._ready.clear()
             await self._ready.wait()
+        return self.take()
+
+    def take(self) -> str | None:
+        """The next queued message (the outbox must not be empty)."""
+        if self._backlog:
+            self._backlog -= 1
         return self._outbox.popleft()
 
     @property
@@ -103,12 +132,88 @@ class Subscriber:
         return len(self._outbox)
 
 
+class FanOut(Protocol):
+    """What calls and the /client handler need from a hub; every method returns at once.
+
+    Calls: `open_call` before the first message, `publish` for each upstream message (already
+    valid JSON text), `publish_event` for events JSON subscribers alone receive, `close_call`
+    after the last one. Subscribers: `subscribe` is False for an unknown call (or, with
+    history, one that ended longer than HISTORY_SECONDS ago). `start`/`aclose` bracket the
+    hub's life (connections, background tasks). Shutting down, once this process's calls have
+    ended, `settle` waits (bounded) for the calls that other processes carry to this process's
+    subscribers, and `shutdown` ends the subscriptions left.
+    """
+
+    def call_sids(self) -> list[str]: ...
+    def has_call(self, call_sid: str) -> bool: ...
+    def open_call(self, info: CallInfo) -> None: ...
+    def publish(self, call_sid: str, message: str) -> int: ...
+    def publish_event(self, call_sid: str, event: dict) -> int: ...
+    def close_call(self, call_sid: str, summary: dict) -> None: ...
+    def subscribe(self, sub: Subscriber) -> bool: ...
+    def unsubscribe(self, sub: Subscriber) -> None: ...
+    def subscriber_count(self, call_sid: str | None = None) -> int: ...
+    def shutdown(self) -> None: ...
+    async def start(self) -> None: ...
+    async def settle(self, timeout: float) -> None: ...
+    async def aclose(self) -> None: ...
+
+
+class History:
+    """One call's messages as JSON subscribers received them, for late joiners (bounded)."""
+
+    def __init__(self, call_sid: str, started: str, max_messages: int):
+        self.call_sid = call_sid
+        self.started = started  # the call_started event
+        self.messages: deque[str] = deque(maxlen=max_messages)
+        self.ended: str | None = None  # the call_ended event, once the call is over
+        self.omitted = 0  # the oldest messages, pushed out by the bound
+        # '{"type":"transcript","callSid":"CA…","data":' once per call, not per message
+        self.transcript_prefix = transcript_prefix(call_sid)
+
+    def add(self, json_message: str) -> None:
+        if len(self.messages) == self.messages.maxlen:
+            self.omitted += 1
+        self.messages.append(json_message)
+
+    def replay(self) -> list[str]:
+        """`call_started`, a note if the bound pushed messages out, the messages kept, `call_ended`."""
+        head = [self.started]
+        if self.omitted:
+            head.append(json.dumps({"type": "history_truncated", "callSid": self.call_sid, "omitted": self.omitted}))
+        return head + list(self.messages) + ([self.ended] if self.ended else [])
+
+
+def transcript_prefix(call_sid: str) -> str:
+    """A JSON subscriber's transcript message is this + Deepgram's message + "}"."""
+    return '{"type":"transcript","callSid":%s,"data":' % json.dumps(call_sid)
+
+
+def event_json(call_sid: str, event: dict) -> str:
+    return json.dumps({"type": event["type"], "callSid": call_sid, **event})
+
+
 class Hub:
-    def __init__(self) -> None:
+    """The in-process hub: calls and subscribers of one server process."""
+
+    def __init__(self, history_messages: int = 1000, history_seconds: float = 300.0) -> None:
         self._calls: dict[str, CallInfo] = {}
         self._subscribers: dict[str, set[Subscriber]] = {}
         self._everything: set[Subscriber] = set()
         self.dropped_total = 0
+        self.history_messages = history_messages
+        self.history_seconds = history_seconds
+        self._history: dict[str, History] = {}  # calls in progress, and ended ones still kept
+        self._ended: OrderedDict[str, float] = OrderedDict()  # callSid -> when its history goes
+
+    async def start(self) -> None:
+        """Nothing to connect to."""
+
+    async def settle(self, timeout: float) -> None:
+        """Shutting down, this process's calls are over: nothing else to wait for."""
+
+    async def aclose(self) -> None:
+        """Nothing to disconnect from."""
 
     # --- calls ---------------------------------------------------------------------------
 
@@ -120,51 +225,100 @@ class Hub:
         return call_sid in self._calls
 
     def open_call(self, info: CallInfo) -> None:
-        self._calls[info.callSid] = info
-        self._subscribers.setdefault(info.callSid, set())
+        self._register_call(info, info.event())
         self._deliver(list(self._everything), json_message=info.event())
+
+    def _register_call(self, info: CallInfo, started: str) -> None:
+        self._forget_old_history()
+        self._ended.pop(info.callSid, None)  # the same callSid again: a new call, a new history
+        self._history.pop(info.callSid, None)
+        self._calls[info.callSid] = info
+        if self.history_messages:  # HISTORY_MESSAGES=0 turns history off
+            self._history[info.callSid] = History(info.callSid, started, self.history_messages)
+        self._subscribers.setdefault(info.callSid, set())
 
     def publish(self, call_sid: str, message: str) -> int:
         """Deliver one upstream message (already-valid JSON text) to the call's subscribers.
 
         Returns how many subscribers it was queued for.
         """
+        history = self._history.get(call_sid)
+        wrapped = None
+        if history is not None:
+            wrapped = history.transcript_prefix + message + "}"
+            history.add(wrapped)
         listeners = [*self._subscribers.get(call_sid, ()), *self._everything]
         if not listeners:
             return 0
-        wrapped = None
-        if any(s.json_mode for s in listeners):
-            wrapped = '{"type":"transcript","callSid":%s,"data":%s}' % (json.dumps(call_sid), message)
+        if wrapped is None and any(s.json_mode for s in listeners):
+            wrapped = transcript_prefix(call_sid) + message + "}"
         return self._deliver(listeners, raw_message=message, json_message=wrapped)
 
     def publish_event(self, call_sid: str, event: dict) -> int:
         """An event for JSON subscribers only (raw subscribers get Deepgram's messages alone)."""
-        listeners = [*self._subscribers.get(call_sid, ()), *self._everything]
-        event = {"type": event["type"], "callSid": call_sid, **event}
-        return self._deliver(listeners, json_message=json.dumps(event))
+        return self._publish_json(call_sid, event_json(call_sid, event))
+
+    def _publish_json(self, call_sid: str, message: str) -> int:
+        history = self._history.get(call_sid)
+        if history is not None:
+            history.add(message)
+        return self._deliver([*self._subscribers.get(call_sid, ()), *self._everything], json_message=message)
 
     def close_call(self, call_sid: str, summary: dict) -> None:
         """The call is over and its last message was published: end its subscriptions."""
-        self.publish_event(call_sid, {"type": "call_ended", **summary})
+        self._end_call(call_sid, event_json(call_sid, {"type": "call_ended", **summary}))
+
+    def _end_call(self, call_sid: str, call_ended: str) -> None:
+        self._deliver([*self._subscribers.get(call_sid, ()), *self._everything], json_message=call_ended)
         self._calls.pop(call_sid, None)
+        history = self._history.get(call_sid)
+        if history is not None:
+            history.ended = call_ended
+            self._ended[call_sid] = time.monotonic() + self.history_seconds
         for sub in self._subscribers.pop(call_sid, set()):
             sub.finish()
+        self._forget_old_history()
+
+    def _forget_old_history(self) -> None:
+        now = time.monotonic()
+        while self._ended:
+            call_sid, deadline = next(iter(self._ended.items()))
+            if deadline > now:
+                break
+            del self._ended[call_sid]
+            self._history.pop(call_sid, None)
 
     # --- subscribers ---------------------------------------------------------------------
 
     def subscribe(self, sub: Subscriber) -> bool:
-        """Add a subscriber; False if it asked for a call that is not in progress."""
+        """Add a subscriber; False if it asked for a call that is not in progress (nor, with
+        history, ended within HISTORY_SECONDS)."""
+        self._forget_old_history()
         if sub.call_sid == EVERY_CALL:
             self._everything.add(sub)
-            for info in self._calls.values():
-                sub.offer(info.event())
+            for call_sid, info in self._calls.items():
+                self._greet(sub, info)
             return True
-        if sub.call_sid not in self._calls:
-            return False
+        info = self._calls.get(sub.call_sid)
+        if info is None:
+            history = self._history.get(sub.call_sid) if sub.history else None
+            if history is None:
+                return False
+            sub.preload(history.replay())  # an ended call: its whole story, ending with call_ended
+            sub.finish()
+            return True
         self._subscribers[sub.call_sid].add(sub)
         if sub.json_mode:
-            sub.offer(self._calls[sub.call_sid].event())
+            self._greet(sub, info)
         return True
+
+    def _greet(self, sub: Subscriber, info: CallInfo) -> None:
+        """A JSON subscriber joining a call in progress: `call_started`, or with history everything so far."""
+        history = self._history.get(info.callSid)
+        if sub.history and history is not None:
+            sub.preload(history.replay())
+        else:
+            sub.offer(info.event())
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self._everything.discard(sub)
@@ -209,11 +363,18 @@ class BadSubscription(ValueError):
     pass
 
 
-def parse_subscription(message: str | bytes) -> tuple[str, bool]:
-    """A subscriber's first message -> (callSid or "*", json_mode).
+class Subscription(NamedTuple):
+    call_sid: str  # or "*"
+    json_mode: bool
+    history: bool = False
+
+
+def parse_subscription(message: str | bytes) -> Subscription:
+    """A subscriber's first message -> Subscription(callSid or "*", json_mode, history).
 
     Raw mode (the tutorial's protocol): the message is a callSid, whitespace trimmed.
-    JSON mode: {"type":"subscribe","callSid":"CA…"} or {"type":"subscribe","callSid":"*"}.
+    JSON mode: {"type":"subscribe","callSid":"CA…"} or {"type":"subscribe","callSid":"*"},
+    optionally with "history": true (the call's messages so far first).
     """
     if isinstance(message, bytes):
         try:
@@ -224,7 +385,7 @@ def parse_subscription(message: str | bytes) -> tuple[str, bool]:
     if not text.startswith(("{", "[")):
         if not text or len(text) > 64 or any(c.isspace() for c in text):
             raise BadSubscription("send one callSid, or a JSON subscribe message")
-        return text, False
+        return Subscription(text, False)
     try:
         request = json.loads(text)
     except ValueError:
@@ -234,4 +395,7 @@ def parse_subscription(message: str | bytes) -> tuple[str, bool]:
     call_sid = request.get("callSid")
     if request.get("type") != "subscribe" or not isinstance(call_sid, str) or not call_sid.strip():
         raise BadSubscription('expected {"type":"subscribe","callSid":"CA…" or "*"}')
-    return call_sid.strip(), True
+    history = request.get("history", False)
+    if not isinstance(history, bool):
+        raise BadSubscription('"history" must be true or false')
+    return Subscription(call_sid.strip(), True, history)

@@ -15,6 +15,7 @@ With no DEEPGRAM_API_KEY the recogniser is the embedded one: a Deepgram-compatib
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import functools
@@ -28,6 +29,7 @@ import ssl
 import sys
 from collections import defaultdict
 from contextlib import AsyncExitStack
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import find_dotenv, load_dotenv
@@ -44,8 +46,8 @@ from agent.bridge import AgentCall, AgentCalls
 from agent.deepgram import DeepgramAgent
 from agent.provider import ProviderFactory
 from calls import Calls
-from config import ConfigError, Settings, configure_logging, load_settings
-from hub import EVERY_CALL, BadSubscription, Hub, Subscriber, parse_subscription
+from config import ConfigError, Settings, configure_logging, load_settings, redis_password
+from hub import EVERY_CALL, BadSubscription, FanOut, Hub, Subscriber, parse_subscription
 from sendnow import send_now
 from twilio_events import BadEvent, Connected, Event, Media, Start, Stop, Unknown, parse_event
 from throttle import Throttle
@@ -60,6 +62,7 @@ CLOSE_NO_SUBSCRIPTION = 4408  # nothing subscribed within HANDSHAKE_TIMEOUT
 CLOSE_TOO_MANY_MESSAGES = 4413  # more than MAX_SUBSCRIBER_MESSAGES sent after subscribing
 CLOSE_TOO_SLOW = 4429
 CLOSE_CALL_FULL = 4503  # MAX_SUBSCRIBERS_PER_CALL reached
+CLOSE_CALL_LOST = 4410  # REDIS_URL: the server carrying the call stopped answering
 # On /twilio, a `start` without the expected CALL_TOKEN: Twilio's own code for a bad stream.
 CLOSE_POLICY_VIOLATION = 1008
 
@@ -76,7 +79,7 @@ class Proxy:
         self.upstream_url = upstream_url
         self.upstream_key = upstream_key
         self.agent_factory = agent_factory  # None: no agent provider, /agent answers 503
-        self.hub = Hub()
+        self.hub = make_hub(settings)
         self.calls = Calls(settings, self.hub, self._new_upstream)
         self.agent_calls = AgentCalls()
         self.ready = True
@@ -312,7 +315,7 @@ class Proxy:
                 await ws.close(CLOSE_NO_SUBSCRIPTION, f"no subscription within {self.settings.handshake_timeout:g} s")
                 return
             try:
-                call_sid, json_mode = parse_subscription(request)
+                call_sid, json_mode, history = parse_subscription(request)
             except BadSubscription as exc:
                 metrics.subscriber_rejections_total.labels("bad_request").inc()
                 await ws.close(CLOSE_BAD_SUBSCRIPTION, str(exc))
@@ -323,12 +326,14 @@ class Proxy:
                 await ws.close(CLOSE_CALL_FULL, f"this call has {limit} subscribers already (MAX_SUBSCRIBERS_PER_CALL)")
                 return
             sub = Subscriber(call_sid, json_mode=json_mode, max_queue=self.settings.subscriber_queue,
-                             peer=_peer(ws))
+                             peer=_peer(ws), history=history)
             if not self.hub.subscribe(sub):
                 metrics.subscriber_rejections_total.labels("unknown_call").inc()
-                await ws.close(CLOSE_UNKNOWN_CALL, "unknown callSid: no such call in progress")
+                await ws.close(CLOSE_UNKNOWN_CALL, "unknown callSid: no such call in progress"
+                               + (" or in the history window" if history else ""))
                 return
-            log.info("subscriber %s joined %s (%s mode)", sub.peer, call_sid, "json" if json_mode else "raw")
+            log.info("subscriber %s joined %s (%s mode%s)", sub.peer, call_sid, "json" if json_mode else "raw",
+                     ", with history" if history else "")
             try:
                 await self._stream_to(ws, sub)
             finally:
@@ -351,6 +356,8 @@ class Proxy:
         if sub.dropped:
             metrics.subscribers_dropped_total.inc()
             await ws.close(CLOSE_TOO_SLOW, f"too slow: {sub.max_queue} messages queued")
+        elif sub.lost:
+            await ws.close(CLOSE_CALL_LOST, "the server carrying this call stopped answering")
         elif writer.done() and not writer.cancelled() and writer.exception() is None:
             await ws.close(1000, "call ended")
 
@@ -384,9 +391,20 @@ class Proxy:
     async def drain(self) -> None:
         """Not ready any more; finish every call's end-of-call sequence (bounded)."""
         self.ready = False
+        deadline = asyncio.get_running_loop().time() + self.settings.shutdown_timeout
         await asyncio.gather(self.calls.close_all(self.settings.shutdown_timeout),
                              self.agent_calls.close_all(self.settings.shutdown_timeout))
+        await self.hub.settle(max(0.0, deadline - asyncio.get_running_loop().time()))
         self.hub.shutdown()
+
+
+def make_hub(settings: Settings) -> FanOut:
+    """In-process by default; through Redis when REDIS_URL is set (README "Scaling out")."""
+    if settings.redis_url:
+        from redishub import RedisHub
+
+        return RedisHub(settings)
+    return Hub(settings.history_messages, settings.history_seconds)
 
 
 def _peer(ws: ServerConnection) -> str:
@@ -475,16 +493,24 @@ async def start_agent(settings: Settings, stack: AsyncExitStack) -> ProviderFact
     return provider
 
 
-async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future | None = None) -> None:
+async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future | None = None, *,
+              reuse_port: bool = False) -> None:
     """Serve until `stop` is set, then shut down gracefully.
 
     `started`, if given, receives (port, proxy) once the server listens (tests bind port 0).
+    `reuse_port`: one of WORKERS processes sharing the port (workers.py).
     """
     async with AsyncExitStack() as stack:
         url, key = await start_recogniser(settings, stack)
         proxy = Proxy(settings, url, key, await start_agent(settings, stack))
+        await proxy.hub.start()
+        stack.push_async_callback(proxy.hub.aclose)  # after the calls' last messages (drain below)
         metrics.CALL_FIGURES.sources.add(proxy.calls.figures)  # live per-call counters on /metrics
         stack.callback(metrics.CALL_FIGURES.sources.discard, proxy.calls.figures)
+        stack.callback(metrics.flush)  # the last figures, before the source goes
+        if metrics.MULTIPROCESS:  # workers: the others read this one's figures from its files
+            flushing = asyncio.create_task(metrics.flush_periodically())
+            stack.callback(flushing.cancel)
         server = await stack.enter_async_context(serve(
             proxy.handler, settings.host, settings.port,
             process_request=proxy.process_request,
@@ -494,6 +520,7 @@ async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future |
             open_timeout=settings.handshake_timeout,
             ping_interval=settings.ping_interval,
             ping_timeout=settings.ping_timeout,
+            reuse_port=reuse_port,
         ))
         port = server.sockets[0].getsockname()[1]
         scheme = "wss" if settings.tls else "ws"
@@ -519,24 +546,31 @@ async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future |
     log.info("stopped")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Twilio Media Streams in, transcripts out (README).")
+    parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # set by workers.py
+    worker = parser.parse_args(argv).worker
     load_dotenv(find_dotenv(usecwd=True))  # the .env of the directory the server is run from
     try:
         settings = load_settings(os.environ)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, f"worker-{worker}" if worker else "")
     tuning.tune_allocator()
     security.redact_logs([settings.deepgram_api_key, settings.twilio_auth_token, settings.call_token,
-                          settings.agent_llm_api_key, *settings.client_tokens])
+                          settings.agent_llm_api_key, redis_password(settings.redis_url), *settings.client_tokens])
+    if settings.workers > 1 and not worker:
+        import workers
+
+        return workers.supervise(settings, Path(__file__).resolve())
 
     async def serve_until_signal() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await run(settings, stop)
+        await run(settings, stop, reuse_port=bool(worker))
 
     try:
         asyncio.run(serve_until_signal())

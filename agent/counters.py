@@ -11,7 +11,7 @@ from prometheus_client import Counter, Gauge
 from metrics import REGISTRY
 
 calls_total = Counter("agent_calls", "Agent calls started, by provider", ["provider"], registry=REGISTRY)
-calls_active = Gauge("agent_calls_active", "Agent calls in progress", registry=REGISTRY)
+calls_active = Gauge("agent_calls_active", "Agent calls in progress", registry=REGISTRY, multiprocess_mode="livesum")
 end_of_call_total = Counter(
     "agent_end_of_call", "Agent calls ended, by how (caller_hung_up, end_call, failed, shutdown)", ["outcome"],
     registry=REGISTRY,

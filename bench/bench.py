@@ -386,8 +386,13 @@ class Bench:
         time.sleep(1.0)
 
     def _wave(self, spec: RunSpec, res: RunResult, d: Path, port: int, server: Proc,
-              procs: list[Proc]) -> dict:
+              procs: list[Proc], *, subs_port: int | None = None, cpu=None, extra_cpu=None) -> dict:
+        """One wave of calls. `subs_port`: the subscribers' server, if not the calls' one;
+        `cpu`: (utime, stime) of what is measured (default: the server process); `extra_cpu`:
+        another figure read over the same window (w["extra_cpu"])."""
         d.mkdir()
+        cpu = cpu or (lambda: proc_times(server.pid))
+        extra_cpu = extra_cpu or (lambda: 0.0)
         ticks = int(spec.seconds * 1000 / FRAME_MS)
         tag = f"{self.run_no:02d}{d.name}"
         sids = [f"CA{tag}{i:06d}".ljust(34, "0")[:34] for i in range(spec.n)]
@@ -400,7 +405,7 @@ class Bench:
         tw.expect("READY", 60 + spec.n * 0.2)
         subs = None
         if spec.target != "floor" and (spec.subs or spec.stalled):
-            scfg = {"url": f"ws://127.0.0.1:{port}/client", "call_sids": sids, "per_call": spec.subs,
+            scfg = {"url": f"ws://127.0.0.1:{subs_port or port}/client", "call_sids": sids, "per_call": spec.subs,
                     "stalled_per_call": spec.stalled, "out": str(d / "subs.pickle"),
                     "deadline": spec.seconds * (1 if spec.pace == "realtime" else 10) + 120}
             (d / "subs.json").write_text(json.dumps(scfg))
@@ -409,21 +414,21 @@ class Bench:
             procs.append(subs)
             subs.expect("READY", 60 + spec.n * (spec.subs + spec.stalled) * 0.05)
         if spec.pace != "realtime":  # fast: from GO until every call has closed
-            w0, c0 = time.monotonic(), proc_times(server.pid)
+            w0, c0, e0 = time.monotonic(), cpu(), extra_cpu()
         tw.tell("GO")
         t0 = float(tw.expect("T0", 10).split()[1])
         if spec.pace == "realtime":
             w0 = t0 + min(spec.warmup, spec.seconds / 4) + 1.0  # every call has started
             w1 = t0 + spec.seconds - 0.5
             time.sleep(max(0.0, w0 - time.monotonic()))
-            c0 = proc_times(server.pid)
+            c0, e0 = cpu(), extra_cpu()
             if spec.profile:
                 spy = subprocess.Popen([self.py_spy, "record", "--pid", str(server.pid), "--rate", "250",
                                         "--duration", str(int(t0 + spec.seconds - 1 - time.monotonic())),
                                         "--format", "raw", "--output", spec.profile, "--nonblocking", "--gil"],
                                        stdout=subprocess.DEVNULL, stderr=open(d / "py-spy.log", "wb"))
             time.sleep(max(0.0, w1 - time.monotonic()))
-            c1 = proc_times(server.pid)
+            c1, e1 = cpu(), extra_cpu()
             timeout = 60 + spec.seconds
         else:  # the server has read everything once every call's close handshake is done
             timeout = 120 + spec.n * spec.seconds
@@ -432,7 +437,7 @@ class Bench:
             spy.wait(30)
         tw.expect("DONE", 60)
         if spec.pace != "realtime":
-            w1, c1 = time.monotonic(), proc_times(server.pid)
+            w1, c1, e1 = time.monotonic(), cpu(), extra_cpu()
         with open(d / "twilio.pickle", "rb") as f:
             twr = pickle.load(f)
         lg_cpu = twr["cpu"]
@@ -453,6 +458,7 @@ class Bench:
             subs.stop()
         tw.stop()
         return {"frames": frames, "cpu": sum(c1) - sum(c0), "sys": c1[1] - c0[1], "window": w1 - w0, "lg_cpu": lg_cpu, "sb_cpu": sb_cpu,
+                "extra_cpu": e1 - e0,
                 "lag_p99": float(np.percentile(lag, 99)), "t0": t0, "sent_at": sent_at, "subs": sb,
                 "warm_from": t0 + min(spec.warmup, spec.seconds / 4) + 1.0}
 
@@ -1062,19 +1068,24 @@ def main(argv=None) -> int:
             scenario_profile(bench, rep, args.n, max(args.seconds, 20), args.profile)
         failed = False
     finally:
-        rep.add("### Targets", "")
-        rep.table(["target", "measured", "verdict"], [list(t) for t in rep.targets])
-        rep.add(f"benchmark wall time {time.monotonic() - started:.0f} s; run directory {bench.tmp}"
-                + ("" if args.keep or failed else " (removed)"))
-        print("\n".join(rep.lines), flush=True)
-        if args.json:
-            rep.data["targets"] = rep.targets
-            rep.data["machine"] = machine()
-            args.json.write_text(json.dumps(rep.data, indent=1, default=str))
-        if not args.keep and not failed:
-            import shutil
-            shutil.rmtree(bench.tmp, ignore_errors=True)
+        finish(rep, bench, args, started, failed)
     return 0
+
+
+def finish(rep: Report, bench: Bench, args: argparse.Namespace, started: float, failed: bool) -> None:
+    """The targets table, the report on stdout, --json, and the run directory removed (unless --keep)."""
+    rep.add("### Targets", "")
+    rep.table(["target", "measured", "verdict"], [list(t) for t in rep.targets])
+    rep.add(f"benchmark wall time {time.monotonic() - started:.0f} s; run directory {bench.tmp}"
+            + ("" if args.keep or failed else " (removed)"))
+    print("\n".join(rep.lines), flush=True)
+    if args.json:
+        rep.data["targets"] = rep.targets
+        rep.data["machine"] = machine()
+        args.json.write_text(json.dumps(rep.data, indent=1, default=str))
+    if not args.keep and not failed:
+        import shutil
+        shutil.rmtree(bench.tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -218,3 +218,55 @@ def test_server_on_all_interfaces_starts_when_allowed_open(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+# --- history and scaling out (README "Scaling out") ------------------------------------------------
+
+
+def test_scaling_defaults_are_one_process_and_no_redis():
+    s = load_settings({})
+    assert (s.workers, s.redis_url, s.history_messages, s.history_seconds) == (1, None, 1000, 300.0)
+
+
+def test_scaling_values_are_read_and_the_redis_password_is_kept_out_of_repr_and_logs():
+    from config import redis_location, redis_password
+
+    s = load_settings({"REDIS_URL": "rediss://:pa55-word-xyz@redis.internal:6380/2", "WORKERS": "4",
+                       "HISTORY_MESSAGES": "50", "HISTORY_SECONDS": "30", "REDIS_BUFFER": "99",
+                       "REDIS_HEARTBEAT_SECONDS": "0.5"})
+    assert (s.workers, s.history_messages, s.history_seconds, s.redis_buffer, s.redis_heartbeat_seconds) == (
+        4, 50, 30.0, 99, 0.5)
+    assert "pa55-word-xyz" not in repr(s)
+    assert redis_password(s.redis_url) == "pa55-word-xyz"
+    assert redis_location(s.redis_url) == "rediss://redis.internal:6380/2"
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"WORKERS": "2"}, "WORKERS"),  # workers meet only through Redis
+    ({"WORKERS": "0"}, "WORKERS"),
+    ({"REDIS_URL": "http://redis:6379"}, "REDIS_URL"),
+    ({"REDIS_URL": "redis://"}, "REDIS_URL"),
+    ({"HISTORY_MESSAGES": "-1"}, "HISTORY_MESSAGES"),
+    ({"REDIS_BUFFER": "0"}, "REDIS_BUFFER"),
+    ({"REDIS_HEARTBEAT_SECONDS": "0"}, "REDIS_HEARTBEAT_SECONDS"),
+])
+def test_bad_scaling_values_name_their_variable(env, variable):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    assert caught.value.variable == variable
+
+
+def test_a_bad_redis_url_is_not_quoted_in_the_error():
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"REDIS_URL": "htp://:hunter2-secret@redis:6379"})
+    assert "hunter2-secret" not in str(caught.value)
+
+
+def test_workers_without_redis_exit_2_saying_why(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"} | {"WORKERS": "2"}
+    result = subprocess.run([sys.executable, str(ROOT / "server.py")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "configuration error: WORKERS: 2 workers need REDIS_URL: calls and subscribers of different workers "
+        "meet only through Redis"]

@@ -14,7 +14,7 @@ INFO = CallInfo("CA1", "MZ1", "AC1", ("inbound", "outbound"), {"tenant": "acme"}
 def drain(sub: Subscriber) -> list[str | None]:
     out = []
     while sub.pending:
-        out.append(sub._outbox.popleft())
+        out.append(sub.take())
     return out
 
 
@@ -115,11 +115,13 @@ def test_publish_encodes_once_for_all_json_subscribers():
 
 
 @pytest.mark.parametrize("message, expected", [
-    ("CA123", ("CA123", False)),
-    ("  CA123 \n", ("CA123", False)),
-    (b"CA123\n", ("CA123", False)),
-    ('{"type":"subscribe","callSid":"CA9"}', ("CA9", True)),
-    ('{"type":"subscribe","callSid":"*"}', ("*", True)),
+    ("CA123", ("CA123", False, False)),
+    ("  CA123 \n", ("CA123", False, False)),
+    (b"CA123\n", ("CA123", False, False)),
+    ('{"type":"subscribe","callSid":"CA9"}', ("CA9", True, False)),
+    ('{"type":"subscribe","callSid":"*"}', ("*", True, False)),
+    ('{"type":"subscribe","callSid":"CA9","history":true}', ("CA9", True, True)),
+    ('{"type":"subscribe","callSid":"*","history":false}', ("*", True, False)),
 ])
 def test_parse_subscription(message, expected):
     assert parse_subscription(message) == expected
@@ -128,7 +130,119 @@ def test_parse_subscription(message, expected):
 @pytest.mark.parametrize("message", [
     "", "   ", "CA1 CA2", "x" * 65, b"\xff\xfe", "{nope", '{"type":"hello","callSid":"CA1"}',
     '{"type":"subscribe"}', '{"type":"subscribe","callSid":5}', "[1]", '{"type":"subscribe","callSid":" "}',
+    '{"type":"subscribe","callSid":"CA1","history":"yes"}',
 ])
 def test_bad_subscriptions(message):
     with pytest.raises(BadSubscription):
         parse_subscription(message)
+
+
+# --- history and late join ----------------------------------------------------------------------
+
+
+def json_sub(call_sid: str = "CA1", *, history: bool = True, max_queue: int = 10) -> Subscriber:
+    return Subscriber(call_sid, json_mode=True, max_queue=max_queue, history=history)
+
+
+def test_history_is_not_counted_against_the_live_bound():
+    hub = Hub()
+    hub.open_call(INFO)
+    for i in range(5):
+        hub.publish("CA1", f'{{"n":{i}}}')
+    hub.publish_event("CA1", {"type": "error", "message": "upstream hiccup"})
+    late = json_sub(max_queue=2)  # 7 messages of history, a live bound of 2
+    assert hub.subscribe(late)
+    hub.publish("CA1", '{"n":5}')
+    hub.publish("CA1", '{"n":6}')
+    assert not late.dropped
+    messages = [json.loads(m) for m in drain(late)]
+    assert [m["type"] for m in messages] == ["call_started"] + ["transcript"] * 5 + ["error"] + ["transcript"] * 2
+    assert [m["data"]["n"] for m in messages if m["type"] == "transcript"] == list(range(7))
+    hub.publish("CA1", '{"n":7}')
+    hub.publish("CA1", '{"n":8}')
+    hub.publish("CA1", '{"n":9}')  # now the live bound applies
+    assert late.dropped
+
+
+def test_history_replay_is_exactly_what_an_early_subscriber_received():
+    hub = Hub()
+    hub.open_call(INFO)
+    early = json_sub(history=False, max_queue=1000)
+    hub.subscribe(early)
+    received_early = []
+    late = None
+    for i in range(50):
+        hub.publish("CA1", f'{{"n":{i}}}')
+        if i == 20:
+            late = json_sub(max_queue=1000)
+            hub.subscribe(late)
+        received_early += drain(early)
+    hub.close_call("CA1", {"duration": 1.0})
+    received_early += drain(early)
+    assert drain(late) == received_early  # same messages, same order, none twice, then the end
+    assert received_early[-1] is None and json.loads(received_early[0])["type"] == "call_started"
+
+
+def test_an_ended_call_can_be_replayed_within_the_window_and_not_after(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("hub.time.monotonic", lambda: clock[0])
+    hub = Hub(history_seconds=60)
+    hub.open_call(INFO)
+    hub.publish("CA1", '{"n":1}')
+    hub.close_call("CA1", {"duration": 1.0})
+    assert not hub.has_call("CA1") and hub.call_sids() == []
+    assert not hub.subscribe(json_sub(history=False))  # without history: not in progress, refused
+    clock[0] += 59
+    replay = json_sub()
+    assert hub.subscribe(replay)
+    kinds = [json.loads(m)["type"] if m else None for m in drain(replay)]
+    assert kinds == ["call_started", "transcript", "call_ended", None]
+    clock[0] += 2
+    assert not hub.subscribe(json_sub())
+
+
+def test_history_keeps_the_last_messages_and_says_how_many_it_left_out():
+    hub = Hub(history_messages=3)
+    hub.open_call(INFO)
+    for i in range(10):
+        hub.publish("CA1", f'{{"n":{i}}}')
+    sub = json_sub()
+    hub.subscribe(sub)
+    messages = [json.loads(m) for m in drain(sub)]
+    assert messages[0]["type"] == "call_started"
+    assert messages[1] == {"type": "history_truncated", "callSid": "CA1", "omitted": 7}
+    assert [m["data"]["n"] for m in messages[2:]] == [7, 8, 9]
+
+
+def test_wildcard_with_history_gets_each_call_in_progress_from_its_start():
+    hub = Hub()
+    hub.open_call(INFO)
+    hub.publish("CA1", '{"n":1}')
+    hub.open_call(CallInfo("CA2", "MZ2", "AC1", ("inbound",)))
+    hub.publish("CA2", '{"n":2}')
+    everything = json_sub(EVERY_CALL)
+    hub.subscribe(everything)
+    got = [(json.loads(m)["type"], json.loads(m)["callSid"]) for m in drain(everything)]
+    assert got == [("call_started", "CA1"), ("transcript", "CA1"), ("call_started", "CA2"), ("transcript", "CA2")]
+
+
+def test_a_reused_callsid_starts_a_new_history():
+    hub = Hub()
+    hub.open_call(INFO)
+    hub.publish("CA1", '{"n":"old"}')
+    hub.close_call("CA1", {})
+    hub.open_call(INFO)
+    sub = json_sub()
+    hub.subscribe(sub)
+    assert [json.loads(m)["type"] for m in drain(sub)] == ["call_started"]
+
+
+def test_history_off_with_zero_messages():
+    hub = Hub(history_messages=0)
+    hub.open_call(INFO)
+    hub.publish("CA1", '{"n":1}')
+    sub = json_sub()
+    hub.subscribe(sub)
+    assert [json.loads(m)["type"] for m in drain(sub)] == ["call_started"]
+    hub.close_call("CA1", {})
+    assert not hub.subscribe(json_sub())

@@ -53,7 +53,8 @@ decode_seconds_total = Counter(
 audio_seconds_total = Counter(
     "embedded_stt_decoded_audio_seconds", "Seconds of audio decoded as finals", registry=metrics.REGISTRY
 )
-pending_gauge = Gauge("embedded_stt_pending", "Decodes queued or running in the pool", registry=metrics.REGISTRY)
+pending_gauge = Gauge("embedded_stt_pending", "Decodes queued or running in the pool", registry=metrics.REGISTRY,
+                      multiprocess_mode="livesum")
 
 
 @dataclass
