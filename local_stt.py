@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import enum
 import functools
@@ -50,6 +51,7 @@ logger = logging.getLogger(__name__)
 LISTEN_PATH = "/v1/listen"
 SAMPLE_RATE = 8000  # the only rate this server decodes: Twilio's 8 kHz mu-law
 DEFAULT_WINDOW = 1.0  # seconds of audio per deterministic Result
+KEPT_CONNECTIONS = 1000  # records kept by a server that does not record audio (record=False)
 
 # Deepgram reports which model answered; ours is fixed, one uuid for the life of the module.
 MODEL_UUID = "6b28a1a2-7e4f-4d8e-9a53-6c1f0e2d4b71"
@@ -156,6 +158,9 @@ class ConnectionRecord:
     All times are `time.monotonic()`, so they compare with the client's own clock readings.
     `close_code`/`close_reason` are those of the closing handshake (1006 when the TCP
     connection was dropped without one); None while open or if the handler crashed.
+
+    With `keep=False` (the embedded recogniser in production, which runs for months) only the
+    counts and the running SHA-256 that `Metadata` needs are kept: no audio, no message log.
     """
 
     request_id: str
@@ -171,6 +176,10 @@ class ConnectionRecord:
     sent: list[tuple[float, str]] = field(default_factory=list)
     close_code: int | None = None
     close_reason: str | None = None
+    keep: bool = True  # keep the audio and every message (tests, the benchmark's fake)
+    bytes_received: int = 0
+    messages_sent: int = 0
+    sha256: Any = field(default_factory=hashlib.sha256, repr=False)  # of every audio byte received
     _carry: bytes = field(default=b"", init=False, repr=False)  # partial interleaved sample
 
     def __post_init__(self) -> None:
@@ -183,19 +192,32 @@ class ConnectionRecord:
         length): the incomplete tail is carried into the next frame, so every channel gets
         exactly its bytes.
         """
-        self.arrivals.append((time.monotonic(), len(data)))
-        self.raw += data
+        self.bytes_received += len(data)
+        self.sha256.update(data)
+        if self.keep:
+            self.arrivals.append((time.monotonic(), len(data)))
+            self.raw += data
         channels = self.params.channels
         if channels == 1:
-            self.audio[0] += data
-            return [data]
-        joined = self._carry + data
-        whole = len(joined) - len(joined) % channels
-        self._carry = joined[whole:]
-        chunks = [joined[c:whole:channels] for c in range(channels)]
-        for recorded, chunk in zip(self.audio, chunks):
-            recorded += chunk
+            chunks = [data]
+        else:
+            joined = self._carry + data
+            whole = len(joined) - len(joined) % channels
+            self._carry = joined[whole:]
+            chunks = [joined[c:whole:channels] for c in range(channels)]
+        if self.keep:
+            for recorded, chunk in zip(self.audio, chunks):
+                recorded += chunk
         return chunks
+
+    def sent_message(self, text: str) -> None:
+        self.messages_sent += 1
+        if self.keep:
+            self.sent.append((time.monotonic(), text))
+
+    def control(self, control: dict[str, Any]) -> None:
+        if self.keep:
+            self.controls.append(control)
 
     def param(self, name: str) -> str | None:
         """Last value of a query parameter, the common case when checking what a client sent."""
@@ -364,9 +386,9 @@ def metadata_message(record: ConnectionRecord) -> str:
             "type": "Metadata",
             "transaction_key": "deprecated",
             "request_id": record.request_id,
-            "sha256": hashlib.sha256(record.raw).hexdigest(),
+            "sha256": record.sha256.hexdigest(),
             "created": created.replace("+00:00", "Z"),
-            "duration": len(record.raw) / channels / BYTES_PER_SECOND,
+            "duration": record.bytes_received / channels / BYTES_PER_SECOND,
             "channels": channels,
         }
     )
@@ -501,7 +523,7 @@ class Session:
                         self._on_audio(message)
                     elif await self._on_control(message):
                         return Ending.CLOSE_STREAM
-                    if self._record.raw:
+                    if self._record.bytes_received:
                         idle.reschedule(loop.time() + idle_timeout)
         except TimeoutError:
             return Ending.IDLE
@@ -514,7 +536,7 @@ class Session:
     def _on_audio(self, data: bytes) -> None:
         # Only the first frame can carry a file header; checking later frames would misread
         # ordinary audio that happens to start with the same bytes.
-        if not data or (not self._record.raw and data.startswith(CONTAINER_MAGICS)):
+        if not data or (not self._record.bytes_received and data.startswith(CONTAINER_MAGICS)):
             raise NotAudio
         chunks = self._record.add_audio(data)
         if not self._record.params.multichannel and len(chunks) > 1:
@@ -526,7 +548,7 @@ class Session:
     async def _on_control(self, text: str) -> bool:
         """Handle a control message; True when it asks to close the stream."""
         control = self._parse_control(text)
-        self._record.controls.append(control)
+        self._record.control(control)
         if control["type"] == "Finalize":
             channel = control.get("channel")
             if channel is None or not self._record.params.multichannel:
@@ -562,7 +584,7 @@ class Session:
                 await self._ws.send(text)
             except ConnectionClosed:
                 return
-            self._record.sent.append((time.monotonic(), text))
+            self._record.sent_message(text)
 
     async def _drop_after(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -580,7 +602,8 @@ class LocalSTT:
 
     `api_key=None` accepts any `Token` credentials; `engine_factory=None` uses
     `DeterministicEngine`. Every accepted connection appends a `ConnectionRecord` to
-    `connections`.
+    `connections`; with `record=False` (the embedded recogniser of a running server) the records
+    keep no audio and only the last `KEPT_CONNECTIONS` are kept.
     """
 
     def __init__(
@@ -590,13 +613,16 @@ class LocalSTT:
         api_key: str | None = None,
         engine_factory: EngineFactory | None = None,
         faults: Faults = Faults(),
+        record: bool = True,
     ) -> None:
         self.host = host
         self.port = port
         self.api_key = api_key
         self.engine_factory: EngineFactory = engine_factory or DeterministicEngine
         self.faults = faults
-        self.connections: list[ConnectionRecord] = []
+        self.record = record
+        self.connections: collections.deque[ConnectionRecord] = collections.deque(
+            maxlen=None if record else KEPT_CONNECTIONS)
         self.attempts = 0
         self._server: Server | None = None
 
@@ -666,6 +692,7 @@ class LocalSTT:
             query=query,
             headers=Headers(ws.request.headers),
             params=parse_listen_params(query),
+            keep=self.record,
         )
         self.connections.append(record)
         logger.info("open %s %s from %s", record.request_id, ws.request.path, ws.remote_address)
@@ -680,8 +707,8 @@ class LocalSTT:
                 record.request_id,
                 record.close_code,
                 record.close_reason,
-                len(record.raw),
-                len(record.sent),
+                record.bytes_received,
+                record.messages_sent,
             )
 
 

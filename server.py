@@ -461,7 +461,7 @@ async def start_recogniser(settings: Settings, stack: AsyncExitStack) -> tuple[s
     factory = await start_whisper(settings, stack) if settings.engine == "whisper" else None
     key = secrets.token_urlsafe(24)
     stt = await stack.enter_async_context(local_stt.LocalSTT(host="127.0.0.1", port=0, api_key=key,
-                                                             engine_factory=factory))
+                                                             engine_factory=factory, record=False))
     why = "STT_ENGINE is set" if settings.stt_engine != "auto" else "DEEPGRAM_API_KEY is not set"
     log.info("recogniser: embedded %s on %s (%s)", settings.engine, stt.url, why)
     query = urlsplit(settings.deepgram_url).query

@@ -35,6 +35,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import codec
 from engine import BYTES_PER_SECOND, Emit, Segment, Word
+import local_stt
 from local_stt import (
     ConnectionRecord,
     DeterministicEngine,
@@ -157,7 +158,7 @@ async def test_bad_credentials_get_401_with_dg_headers(headers: dict[str, str], 
     assert response.status_code == 401
     assert error in response.headers["dg-error"]
     assert uuid.UUID(response.headers["dg-request-id"]).version == 4
-    assert stt.connections == []
+    assert not stt.connections
 
 
 async def test_without_api_key_any_token_is_accepted() -> None:
@@ -247,6 +248,31 @@ async def test_stereo_recording_is_byte_exact_per_channel_with_unaligned_frames(
     assert record.headers["Authorization"] == f"Token {KEY}"
     assert record.opened < record.closed
     assert (record.close_code, record.close_reason) == (1000, "")
+
+
+async def test_a_server_that_does_not_record_keeps_no_audio_and_few_records(monkeypatch) -> None:
+    """The embedded recogniser runs for months: it must not keep every call's audio (record=False),
+    yet its Metadata is the same, and it keeps only the last KEPT_CONNECTIONS records."""
+    monkeypatch.setattr(local_stt, "KEPT_CONNECTIONS", 2)
+    inbound, outbound = audio(1.5, seed=5), audio(1.5, seed=6)
+    stream = interleave(inbound, outbound)
+    async with LocalSTT(api_key=KEY, record=False) as stt:
+        for _ in range(3):
+            async with connect(listen_url(stt, **STEREO), additional_headers=AUTH) as ws:
+                await send_in_frames(ws, stream, [1600, 777])
+                await ws.send(json.dumps({"type": "CloseStream"}))
+                messages = await receive_all(ws)
+    *results, metadata = messages
+    assert isinstance(metadata, ListenV1Metadata)
+    assert metadata.sha256 == hashlib.sha256(stream).hexdigest() and metadata.duration == 1.5
+    finals = finals_by_channel(results)
+    assert_covers_exactly(finals[0], 0, inbound)
+    assert_covers_exactly(finals[1], 1, outbound)
+    assert len(stt.connections) == 2
+    record = stt.connections[-1]
+    assert record.bytes_received == len(stream) and record.messages_sent == len(messages)
+    assert not record.raw and not any(record.audio) and not record.arrivals and not record.sent
+    assert not record.controls
 
 
 # --- transcripts and the end of a stream ----------------------------------------------------
@@ -468,7 +494,7 @@ async def test_reject_status_answers_every_upgrade() -> None:
                     pass
             assert caught.value.response.status_code == 429
             assert caught.value.response.headers["dg-error"] == "too many requests"
-    assert stt.connections == []
+    assert not stt.connections
 
 
 # --- engines --------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ async def test_a_refused_key_is_not_retried(stacks):
     await run_call(stack.url("/twilio"), CallOptions(inbound=leg_audio(8, 1.0), speed=0, call_sid="CAkey"))
     await wait_for(lambda: not stack.proxy.hub.has_call("CAkey"), what="end of call")
     await asyncio.sleep(0.5)  # a retry loop would show up as more attempts
-    assert stack.stt.attempts == 1 and stack.stt.connections == []
+    assert stack.stt.attempts == 1 and not stack.stt.connections
 
 
 async def test_a_backlog_is_replayed_no_faster_than_1_25x_real_time(stacks):

@@ -87,7 +87,7 @@ async def test_an_unsigned_or_missigned_stream_is_refused_with_403_before_the_up
     before = await metric_values(stack.port)
     with pytest.raises(CallRefused, match="HTTP 403"):
         await run_call(stack.url("/twilio"), CallOptions(inbound=AUDIO, speed=0, additional_headers=headers))
-    assert stack.stt.connections == [] and stack.proxy.hub.call_sids() == []  # nothing reached Deepgram
+    assert not stack.stt.connections and stack.proxy.hub.call_sids() == []  # nothing reached Deepgram
     reason = "missing_signature" if not headers else "bad_signature"
     after = await metric_values(stack.port)
     assert delta(before, after, f'auth_failures_total{{endpoint="twilio",reason="{reason}"}}') == 1
@@ -199,7 +199,7 @@ async def test_a_stream_without_the_call_token_is_closed_with_1008_before_any_au
     before = await metric_values(stack.port)
     result = await run_call(stack.url("/twilio"), CallOptions(inbound=AUDIO, speed=0, params=params))
     assert result.close_code == 1008 and "call token" in result.close_reason
-    assert stack.stt.connections == [] and stack.proxy.hub.call_sids() == []
+    assert not stack.stt.connections and stack.proxy.hub.call_sids() == []
     after = await metric_values(stack.port)
     assert delta(before, after, 'auth_failures_total{endpoint="twilio",reason="call_token"}') == 1
 
