@@ -36,7 +36,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from agent import counters
 from agent.provider import (
     AgentAudio, AgentAudioDone, AgentEvent, AgentSetup, Latency, ProviderError, ProviderFailed, ProviderStats,
-    ToolCallRequest, Transcript, UserStartedSpeaking,
+    ToolCallRequest, Transcript, UserStartedSpeaking, merged,
 )
 from agent.tools import ToolResult
 from sendnow import send_now
@@ -62,7 +62,7 @@ BAD_MESSAGE_LOG_INTERVAL = 10.0
 
 def settings_message(setup: AgentSetup) -> dict:
     """The `Settings` message for one call (protocols.md C.2)."""
-    message = _merged({"type": "Settings", "audio": AUDIO, "agent": DEFAULT_AGENT}, setup.provider_settings)
+    message = merged({"type": "Settings", "audio": AUDIO, "agent": DEFAULT_AGENT}, setup.provider_settings)
     message["type"] = "Settings"
     message["audio"] = copy.deepcopy(AUDIO)  # Twilio's format both ways, whatever the file says
     agent = message["agent"]
@@ -74,17 +74,6 @@ def settings_message(setup: AgentSetup) -> dict:
         server_side = [f for f in think.get("functions", []) if isinstance(f, dict) and "endpoint" in f]
         think["functions"] = server_side + setup.tools.schemas()
     return message
-
-
-def _merged(base: dict, extra) -> dict:
-    """`base` with `extra` merged in: objects merge key by key, anything else is replaced."""
-    out = copy.deepcopy(base)
-    for key, value in (extra or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merged(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 class DeepgramAgent:

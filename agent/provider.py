@@ -24,6 +24,7 @@ Contract of an `AgentProvider`:
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from dataclasses import dataclass, field
@@ -153,6 +154,18 @@ class AgentProvider(Protocol):
 
 
 ProviderFactory = Callable[[AgentSetup], AgentProvider]
+
+
+def merged(base: dict, extra) -> dict:
+    """`base` with `extra` (AGENT_SETTINGS_FILE) merged in: objects merge key by key, anything else
+    is replaced. Neither argument is modified."""
+    out = copy.deepcopy(base)
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 # --- placeholders ------------------------------------------------------------------------------
