@@ -570,7 +570,7 @@ def test_model_loads_as_an_unprivileged_user_from_read_only_files(tmp_path):
         mount --make-rprivate /
         mount -t tmpfs -o mode=755 tmpfs /mnt
         mkdir /mnt/app /mnt/venv
-        cp -r {ROOT}/*.py {ROOT}/whisper_stt {ROOT}/tests /mnt/app/
+        cp -r {ROOT}/*.py {ROOT}/agent {ROOT}/whisper_stt {ROOT}/tests /mnt/app/
         mount -o remount,ro /mnt
         mount --bind {venv} /mnt/venv && mount -o remount,bind,ro /mnt/venv
         {reopen}
