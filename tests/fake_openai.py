@@ -185,7 +185,8 @@ class FakeSession:
         self.faulted_at: float | None = None
         self._active: tuple[str, asyncio.Task] | None = None  # the response in progress
         self._pending_outputs: dict[str, asyncio.Future] = {}  # call_id -> the output the client sends
-        self._follow_up: list[str] = []  # text to speak in the next response (after a function output)
+        self._then: dict[str, Reply] = {}  # call_id -> the reply that speaks the function's output
+        self._follow_up: list[tuple[str, float | None]] = []  # spoken by the next response.create
         self._replies_used = 0
         self._vad = EnergyVad(self.script.loud_rms, self.script.quiet_ms)
         self._speech_item = ""
@@ -222,10 +223,13 @@ class FakeSession:
     async def say(self, text: str, seconds: float | None = None) -> None:
         await self.respond(text, seconds)
 
-    async def call_function(self, name: str, arguments: dict, timeout: float = 10.0) -> str:
-        """A response whose output is a function call; returns the output the client sends back."""
+    async def call_function(self, name: str, arguments: dict, timeout: float = 10.0, then: Reply | None = None) -> str:
+        """A response whose output is a function call; returns the output the client sends back.
+        `then`: the reply the next response.create speaks, "{result}" replaced by the output."""
         call_id = f"call_{uuid.uuid4().hex[:12]}"
         future = self._pending_outputs[call_id] = asyncio.get_running_loop().create_future()
+        if then is not None:
+            self._then[call_id] = then
         await self.respond(function=(call_id, name, arguments))
         try:
             return await asyncio.wait_for(future, timeout)
@@ -483,6 +487,9 @@ class FakeSession:
                 return
             self._add(Item(item.get("id") or new_id("item"), "function_call_output", text=item["output"],
                            call_id=item["call_id"]))
+            then = self._then.pop(item["call_id"], None)
+            if then is not None:  # decided now: the client's response.create may be the next event
+                self._follow_up.append((then.text.replace("{result}", item["output"]), then.seconds))
             future = self._pending_outputs.get(item["call_id"])
             if future is not None and not future.done():
                 future.set_result(item["output"])
@@ -502,7 +509,7 @@ class FakeSession:
                 self.respond(instructions)
             return
         if self._follow_up:
-            self.respond(self._follow_up.pop(0))
+            self.respond(*self._follow_up.pop(0))
             return
         self.speak_next()
 
@@ -554,12 +561,7 @@ class FakeSession:
             self.respond(reply.text, reply.seconds)
             return
         name, arguments = reply.function
-
-        async def call_then_speak() -> None:
-            output = await self.call_function(name, arguments)
-            self._follow_up.append(reply.text.replace("{result}", output))  # spoken on the client's response.create
-
-        self.spawn(call_then_speak())
+        self.spawn(self.call_function(name, arguments, then=reply))
 
     def spawn(self, coro) -> None:
         async def quietly() -> None:

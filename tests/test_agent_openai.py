@@ -264,6 +264,7 @@ async def test_tools_run_their_outputs_go_back_and_the_model_answers_once_per_re
     spoken_text = [text for text, _, _ in session.replies]
     assert spoken_text[0].startswith("Your order: {") and "acme" in spoken_text[0]
     assert reply_audio(spoken_text[0], 0.3) in bytes(result.heard)
+    assert len(result.received) == sum(len(padded(audio)) for _, audio, _ in session.replies)
     events = await events_of(listener, result.call_sid)
     assert [(r["name"], r["ok"], r["error"]) for r in of_type(events, "tool_result")] == [
         ("lookup_order", True, None), ("broken", False, "exception")]
