@@ -515,7 +515,8 @@ class AgentCall:
         log.info(
             "agent call ended callSid=%s streamSid=%s provider=%s duration=%.1fs outcome=%s turns=%d barge_ins=%d "
             "tool_calls=%d tool_failures=%d dtmf=%d played=%.1fs discarded=%.1fs unplayed=%.1fs provider_errors=%d "
-            "caller_audio=%.1fs caller_audio_unsent=%.1fs provider_messages=%d bad_provider_messages=%d bad_frames=%d%s",
+            "caller_audio=%.1fs caller_audio_unsent=%.1fs provider_messages=%d bad_provider_messages=%d bad_frames=%d"
+            "%s",
             self.call_sid, self.stream_sid, self.provider.name, summary["duration"], summary["endOfCall"],
             self.figures["turns"], self.figures["bargeIns"], self.figures["toolCalls"], self.figures["toolFailures"],
             self.figures["dtmf"], stats.heard / BYTES_PER_SECOND, stats.discarded / BYTES_PER_SECOND,

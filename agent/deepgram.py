@@ -35,12 +35,11 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from agent import counters
 from agent.provider import (
-    AgentAudio, AgentAudioDone, AgentEvent, AgentSetup, Latency, ProviderError, ProviderFailed, ProviderStats,
-    ToolCallRequest, Transcript, UserStartedSpeaking, merged,
+    AgentAudio, AgentAudioDone, AgentEvent, AgentSetup, Latency, ProviderError, ProviderFailed, ProviderMessages,
+    ProviderStats, ToolCallRequest, Transcript, UserStartedSpeaking, close_socket, merged,
 )
 from agent.tools import ToolResult
 from sendnow import send_now
-from throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,6 @@ KEEPALIVE = '{"type":"KeepAlive"}'
 KEEPALIVE_SECONDS = 5.0  # Deepgram closes an idle session (CLIENT_MESSAGE_TIMEOUT) after ~10 s
 MAX_QUEUED_AUDIO = 10 * 8000  # caller audio held while connecting or while the socket lags: 10 s
 MAX_MESSAGE_BYTES = 2**22  # agent audio can come in large binary messages
-BAD_MESSAGE_LOG_INTERVAL = 10.0
 
 
 def settings_message(setup: AgentSetup) -> dict:
@@ -99,7 +97,7 @@ class DeepgramAgent:
         self._writer: asyncio.Task | None = None
         self._last_sent = time.monotonic()
         self._early: list[AgentEvent] = []  # events that arrived before SettingsApplied
-        self._bad_log = Throttle(BAD_MESSAGE_LOG_INTERVAL)
+        self._messages = ProviderMessages(name, self.label, self.stats)
         # Reply numbering (see the module docstring).
         self._replies = 0
         self._segment: str | None = None  # the reply whose audio is arriving
@@ -138,7 +136,7 @@ class DeepgramAgent:
         self._wakeup.set()  # audio that arrived while connecting goes out now
 
     async def _handshake(self, ws: ClientConnection) -> None:
-        welcome = self._parse(await ws.recv())
+        welcome = self._messages.parse(await ws.recv())
         if welcome.get("type") != "Welcome":
             raise ProviderFailed(f"Deepgram sent {welcome.get('type')!r} instead of Welcome", "protocol")
         self.request_id = str(welcome.get("request_id", ""))
@@ -147,7 +145,7 @@ class DeepgramAgent:
             message = await ws.recv()
             if isinstance(message, bytes):
                 continue  # no audio is expected before SettingsApplied
-            data = self._parse(message)
+            data = self._messages.parse(message)
             if data.get("type") == "SettingsApplied":
                 self._ready = True
                 log.info("call %s: Deepgram agent session %s ready", self.label, self.request_id)
@@ -233,7 +231,7 @@ class DeepgramAgent:
                     if event is not None:
                         yield event
                     continue
-                events = self._on_message(self._parse(message), message)
+                events = self._on_message(self._messages.parse(message), message)
                 for event in events:
                     yield event
                     if isinstance(event, ProviderError) and event.fatal:
@@ -335,29 +333,10 @@ class DeepgramAgent:
                         "ListenUpdated", "FunctionCallResponse", "History", "FunctionCallCancelled"):
                 return []  # acknowledgements and information the call does not need
         except (KeyError, TypeError, ValueError) as exc:
-            self._bad(f"malformed {kind}: {type(exc).__name__} {exc}")
+            self._messages.bad(f"malformed {kind}: {type(exc).__name__} {exc}")
             return []
-        self._bad(f"unknown message type {str(kind)[:40]!r}")
+        self._messages.bad(f"unknown message type {str(kind)[:40]!r}")
         return []
-
-    def _parse(self, message: str | bytes) -> dict:
-        """A JSON object from Deepgram, or {} (counted and logged) for anything else."""
-        self.stats.messages += 1
-        try:
-            data = orjson.loads(message)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict) or not isinstance(data.get("type"), str):
-            self._bad(f"not a JSON message with a type: {str(message)[:60]!r}")
-            return {}
-        return data
-
-    def _bad(self, what: str) -> None:
-        self.stats.bad_messages += 1
-        counters.provider_bad_messages.labels(self.name).inc()
-        count = self._bad_log.hit()
-        log.log(logging.WARNING if count else logging.DEBUG, "call %s: bad message from %s: %s%s", self.label,
-                self.name, what, f" ({count} since the last report)" if count > 1 else "")
 
     # --- the end -------------------------------------------------------------------------------
 
@@ -371,9 +350,4 @@ class DeepgramAgent:
                 self.stats.audio_unsent_bytes += len(message)
         self._outbox.clear()
         self._queued_audio = 0
-        if self._ws is not None:
-            try:
-                async with asyncio.timeout(1.0):
-                    await self._ws.close()
-            except TimeoutError:
-                self._ws.transport.abort()
+        await close_socket(self._ws)

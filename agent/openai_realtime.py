@@ -45,12 +45,11 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from agent import counters
 from agent.provider import (
-    AgentAudio, AgentAudioDone, AgentEvent, AgentSetup, Latency, ProviderError, ProviderFailed, ProviderStats,
-    ToolCallRequest, Transcript, Usage, UserStartedSpeaking, merged,
+    AgentAudio, AgentAudioDone, AgentEvent, AgentSetup, Latency, ProviderError, ProviderFailed, ProviderMessages,
+    ProviderStats, ToolCallRequest, Transcript, Usage, UserStartedSpeaking, close_socket, merged,
 )
 from agent.tools import ToolResult
 from sendnow import send_now
-from throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,6 @@ DEFAULT_TRANSCRIPTION = {"model": "gpt-4o-mini-transcribe"}  # the caller's word
 BYTES_PER_MS = 8
 MAX_QUEUED_AUDIO = 10 * 8000  # caller audio held while connecting or while the socket lags: 10 s
 MAX_MESSAGE_BYTES = 2**22  # audio deltas can be large
-BAD_MESSAGE_LOG_INTERVAL = 10.0
 # Errors after which the session cannot serve the caller: the call falls back (fallback close).
 FATAL_CODES = frozenset({"session_expired", "invalid_api_key", "insufficient_quota", "beta_api_shape_disabled",
                          "session_not_found", "model_not_found"})
@@ -152,7 +150,7 @@ class OpenAIRealtime:
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task | None = None
         self._early: list[AgentEvent] = []  # events that came before session.updated
-        self._bad_log = Throttle(BAD_MESSAGE_LOG_INTERVAL)
+        self._messages = ProviderMessages(name, self.label, self.stats)
         self._ids = itertools.count(1)
         self._items: dict[str, _Item] = {}  # assistant items, in the order they began
         self._muted: set[str] = set()  # responses interrupted by the caller: their late audio is dropped
@@ -194,7 +192,7 @@ class OpenAIRealtime:
         self._wakeup.set()  # audio that arrived while connecting goes out now
 
     async def _handshake(self, ws: ClientConnection) -> None:
-        created = self._parse(await ws.recv())
+        created = self._messages.parse(await ws.recv())
         if created.get("type") == "error":
             raise ProviderFailed(f"OpenAI refused the session: {_describe(created)}", _code(created))
         if created.get("type") != "session.created":
@@ -202,7 +200,7 @@ class OpenAIRealtime:
         update = session_update(self.setup, voice=self.voice, turn_detection=self.turn_detection)
         await ws.send(orjson.dumps(update).decode())
         while True:
-            data = self._parse(await ws.recv())
+            data = self._messages.parse(await ws.recv())
             if data.get("type") == "session.updated":
                 self.session = data.get("session") or {}
                 self._ready = True
@@ -309,7 +307,7 @@ class OpenAIRealtime:
         ws = self._ws
         try:
             async for message in ws:
-                for event in self._on_message(self._parse(message), message):
+                for event in self._on_message(self._messages.parse(message), message):
                     yield event
                     if isinstance(event, ProviderError) and event.fatal:
                         return
@@ -368,9 +366,9 @@ class OpenAIRealtime:
             if kind in IGNORED:
                 return []
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            self._bad(f"malformed {kind}: {type(exc).__name__} {exc}")
+            self._messages.bad(f"malformed {kind}: {type(exc).__name__} {exc}")
             return []
-        self._bad(f"unknown event type {str(kind)[:60]!r}")
+        self._messages.bad(f"unknown event type {str(kind)[:60]!r}")
         return []
 
     def _on_audio(self, data: dict) -> list[AgentEvent]:
@@ -446,25 +444,6 @@ class OpenAIRealtime:
             self._create_sent = None  # refused (a response was active): that response answers instead
         return ProviderError(f"OpenAI error: {_describe(data)}", code, fatal=fatal)
 
-    def _parse(self, message: str | bytes) -> dict:
-        """A JSON object from OpenAI, or {} (counted and logged) for anything else."""
-        self.stats.messages += 1
-        try:
-            data = orjson.loads(message)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict) or not isinstance(data.get("type"), str):
-            self._bad(f"not a JSON event with a type: {str(message)[:60]!r}")
-            return {}
-        return data
-
-    def _bad(self, what: str) -> None:
-        self.stats.bad_messages += 1
-        counters.provider_bad_messages.labels(self.name).inc()
-        count = self._bad_log.hit()
-        log.log(logging.WARNING if count else logging.DEBUG, "call %s: bad message from %s: %s%s", self.label,
-                self.name, what, f" ({count} since the last report)" if count > 1 else "")
-
     # --- the end -------------------------------------------------------------------------------
 
     async def close(self) -> None:
@@ -475,12 +454,7 @@ class OpenAIRealtime:
         self.stats.audio_unsent_bytes += self._queued_audio
         self._outbox.clear()
         self._queued_audio = 0
-        if self._ws is not None:
-            try:
-                async with asyncio.timeout(1.0):
-                    await self._ws.close()
-            except TimeoutError:
-                self._ws.transport.abort()
+        await close_socket(self._ws)
 
 
 def _audio_bytes(append: str) -> int:

@@ -92,7 +92,8 @@ SERVER_MODELS = {
 }
 CLIENT_MODELS = {
     "session.update": rt.SessionUpdateEvent, "input_audio_buffer.append": rt.InputAudioBufferAppendEvent,
-    "input_audio_buffer.commit": rt.InputAudioBufferCommitEvent, "input_audio_buffer.clear": rt.InputAudioBufferClearEvent,
+    "input_audio_buffer.commit": rt.InputAudioBufferCommitEvent,
+    "input_audio_buffer.clear": rt.InputAudioBufferClearEvent,
     "conversation.item.create": rt.ConversationItemCreateEvent,
     "conversation.item.truncate": rt.ConversationItemTruncateEvent,
     "conversation.item.delete": rt.ConversationItemDeleteEvent, "response.create": rt.ResponseCreateEvent,
@@ -467,7 +468,8 @@ class FakeSession:
                              "output_index": 0, "content_index": 0, "delta": base64.b64encode(audio[:500]).decode()})
 
     async def speech_stopped(self, speech_ms: int) -> None:
-        item = self._add(Item(self._speech_item or new_id("item"), "message", "user", f"(speech {speech_ms / 1000:.1f} s)"))
+        text = f"(speech {speech_ms / 1000:.1f} s)"
+        item = self._add(Item(self._speech_item or new_id("item"), "message", "user", text))
         await self.send({"type": "input_audio_buffer.speech_stopped", "item_id": item.id,
                          "audio_end_ms": len(self.audio) // BYTES_PER_MS})
         await self.send({"type": "input_audio_buffer.committed", "item_id": item.id})

@@ -49,7 +49,8 @@ async def get(port: int, path: str, headers: dict | None = None) -> tuple[int, s
 def twilio_query(call_sid: str = CALL, **ours: str) -> str:
     """Our query parameters, then the ones Twilio appends to a GET webhook."""
     return urlencode({**ours, "CallSid": call_sid, "AccountSid": "AC" + "f" * 32, "From": "+15557654321",
-                      "To": "+15551234567", "CallStatus": "ringing", "Direction": "inbound", "ApiVersion": "2010-04-01"})
+                      "To": "+15551234567", "CallStatus": "ringing", "Direction": "inbound",
+                      "ApiVersion": "2010-04-01"})
 
 
 def stream_of(twiml: str) -> tuple[ET.Element, str, dict[str, str]]:
