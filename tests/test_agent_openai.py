@@ -326,6 +326,15 @@ async def test_a_failing_provider_closes_the_twilio_socket_within_2_s_and_says_w
     assert KEY not in caplog.text
 
 
+async def test_a_provider_handshake_slower_than_the_connect_timeout_falls_back_within_2_s(realtime):
+    stack, fake = await realtime(faults=Faults(handshake_delay=5.0), agent_connect_timeout=1.0)
+    listener = await subscriber(stack)
+    result = await run_agent_call(stack.url("/agent"), quiet(4.0), tail=4.0)
+    assert result.closed_by_server and result.closed_at < 2.0
+    error = of_type(await events_of(listener, result.call_sid), "error")[0]
+    assert (error["code"], error["message"]) == ("timeout", "no OpenAI Realtime session within 1 s")
+
+
 async def test_garbage_from_the_provider_is_counted_and_the_call_goes_on(realtime):
     stack, fake = await realtime(faults=Faults(garbage=True), agent_greeting=GREETING)
     before = await metric_values(stack.port)
