@@ -31,12 +31,13 @@ from typing import AsyncIterator
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.http11 import Response
 
 from agent import counters
 from agent.provider import (
     AgentAudio, AgentAudioDone, AgentEvent, AgentSetup, Latency, ProviderError, ProviderFailed, ProviderMessages,
-    ProviderStats, ToolCallRequest, Transcript, UserStartedSpeaking, close_socket, merged,
+    ProviderStats, ToolCallRequest, Transcript, UserStartedSpeaking, close_socket, merged, setup_failure,
 )
 from agent.tools import ToolResult
 from sendnow import send_now
@@ -56,6 +57,12 @@ KEEPALIVE = '{"type":"KeepAlive"}'
 KEEPALIVE_SECONDS = 5.0  # Deepgram closes an idle session (CLIENT_MESSAGE_TIMEOUT) after ~10 s
 MAX_QUEUED_AUDIO = 10 * 8000  # caller audio held while connecting or while the socket lags: 10 s
 MAX_MESSAGE_BYTES = 2**22  # agent audio can come in large binary messages
+
+
+def _refusal(response: Response) -> str:
+    """Deepgram's reason for refusing an upgrade, and the request id to quote to its support."""
+    reason = response.headers.get("dg-error", "") or response.body.decode(errors="replace")[:200]
+    return f"{reason} (dg-request-id {response.headers.get('dg-request-id', '-')})".strip()
 
 
 def settings_message(setup: AgentSetup) -> dict:
@@ -115,20 +122,8 @@ class DeepgramAgent:
                 self._ws = await connect(self.url, additional_headers=self._headers, max_size=MAX_MESSAGE_BYTES,
                                          compression=None, open_timeout=None)
                 await self._handshake(self._ws)
-        except InvalidStatus as exc:
-            response = exc.response
-            reason = response.headers.get("dg-error", "") or response.body.decode(errors="replace")[:200]
-            raise ProviderFailed(f"Deepgram refused the connection: HTTP {response.status_code} {reason}".strip()
-                                 + f" (dg-request-id {response.headers.get('dg-request-id', '-')})",
-                                 f"http_{response.status_code}") from None
-        except TimeoutError:
-            raise ProviderFailed(f"no Deepgram agent session within {self.connect_timeout:g} s", "timeout") from None
-        except (OSError, InvalidHandshake) as exc:
-            raise ProviderFailed(f"cannot reach Deepgram: {exc or type(exc).__name__}", "unreachable") from None
-        except ConnectionClosed as exc:
-            close = exc.rcvd
-            raise ProviderFailed("Deepgram closed the session during set-up"
-                                 + (f": {close.code} {close.reason}" if close else ""), "closed") from None
+        except (OSError, InvalidHandshake, ConnectionClosed) as exc:  # TimeoutError is an OSError
+            raise setup_failure(exc, "Deepgram", "Deepgram agent session", self.connect_timeout, _refusal) from None
         finally:
             if not self._ready and self._ws is not None:
                 self._ws.transport.abort()

@@ -41,12 +41,13 @@ from typing import AsyncIterator, Mapping
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.http11 import Response
 
 from agent import counters
 from agent.provider import (
     AgentAudio, AgentAudioDone, AgentEvent, AgentSetup, Latency, ProviderError, ProviderFailed, ProviderMessages,
-    ProviderStats, ToolCallRequest, Transcript, Usage, UserStartedSpeaking, close_socket, merged,
+    ProviderStats, ToolCallRequest, Transcript, Usage, UserStartedSpeaking, close_socket, merged, setup_failure,
 )
 from agent.tools import ToolResult
 from sendnow import send_now
@@ -170,18 +171,8 @@ class OpenAIRealtime:
                 self._ws = await connect(self.url, additional_headers=self._headers, max_size=MAX_MESSAGE_BYTES,
                                          compression=None, open_timeout=None)
                 await self._handshake(self._ws)
-        except InvalidStatus as exc:
-            response = exc.response
-            raise ProviderFailed(f"OpenAI refused the connection: HTTP {response.status_code} "
-                                 f"{_error_message(response.body)}".strip(), f"http_{response.status_code}") from None
-        except TimeoutError:
-            raise ProviderFailed(f"no OpenAI Realtime session within {self.connect_timeout:g} s", "timeout") from None
-        except (OSError, InvalidHandshake) as exc:
-            raise ProviderFailed(f"cannot reach OpenAI: {exc or type(exc).__name__}", "unreachable") from None
-        except ConnectionClosed as exc:
-            close = exc.rcvd
-            raise ProviderFailed("OpenAI closed the session during set-up"
-                                 + (f": {close.code} {close.reason}" if close else ""), "closed") from None
+        except (OSError, InvalidHandshake, ConnectionClosed) as exc:  # TimeoutError is an OSError
+            raise setup_failure(exc, "OpenAI", "OpenAI Realtime session", self.connect_timeout, _refusal) from None
         finally:
             if not self._ready and self._ws is not None:
                 self._ws.transport.abort()
@@ -475,12 +466,12 @@ def _code(data: dict) -> str:
     return str(error.get("code") or error.get("type") or "")
 
 
-def _error_message(body: bytes | None) -> str:
+def _refusal(response: Response) -> str:
     """OpenAI's reason from an HTTP error body ({"error": {"message": ...}}), else the body's start."""
     try:
-        return str(orjson.loads(body or b"")["error"]["message"])[:200]
+        return str(orjson.loads(response.body or b"")["error"]["message"])[:200]
     except (ValueError, KeyError, TypeError):
-        return (body or b"").decode(errors="replace")[:200]
+        return (response.body or b"").decode(errors="replace")[:200]
 
 
 def _text(raw: str | bytes) -> str:

@@ -33,6 +33,8 @@ from typing import AsyncIterator, Callable, Literal, Mapping, Protocol
 
 import orjson
 from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.http11 import Response
 
 from agent import counters
 from agent.tools import CallContext, ToolRegistry, ToolResult
@@ -203,6 +205,24 @@ class ProviderMessages:
         count = self._throttle.hit()
         log.log(logging.WARNING if count else logging.DEBUG, "call %s: bad message from %s: %s%s", self.label,
                 self.provider, what, f" ({count} since the last report)" if count > 1 else "")
+
+
+def setup_failure(exc: BaseException, provider: str, session: str, timeout: float,
+                  refusal: Callable[[Response], str]) -> ProviderFailed:
+    """What went wrong while opening a provider session, as the `ProviderFailed` the call reports:
+    refused (HTTP status, with `refusal(response)` as the provider's reason), timed out,
+    closed during set-up, or unreachable."""
+    if isinstance(exc, InvalidStatus):
+        status = exc.response.status_code
+        return ProviderFailed(f"{provider} refused the connection: HTTP {status} {refusal(exc.response)}".strip(),
+                              f"http_{status}")
+    if isinstance(exc, TimeoutError):
+        return ProviderFailed(f"no {session} within {timeout:g} s", "timeout")
+    if isinstance(exc, ConnectionClosed):
+        close = exc.rcvd
+        return ProviderFailed(f"{provider} closed the session during set-up"
+                              + (f": {close.code} {close.reason}" if close else ""), "closed")
+    return ProviderFailed(f"cannot reach {provider}: {exc or type(exc).__name__}", "unreachable")
 
 
 async def close_socket(ws: ClientConnection | None) -> None:

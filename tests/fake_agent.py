@@ -426,6 +426,8 @@ class EnergyVad:
 class FakeAgent:
     """The server: accepts sessions as Deepgram does; `sessions` in order of connection."""
 
+    session_class = FakeSession
+
     def __init__(self, api_key: str = "fake-agent-key", script: Script | None = None, faults: Faults | None = None,
                  host: str = "127.0.0.1", port: int = 0):
         self.api_key = api_key
@@ -469,7 +471,7 @@ class FakeAgent:
         return response
 
     async def _handler(self, ws: ServerConnection) -> None:
-        session = FakeSession(ws, len(self.sessions), self)
+        session = self.session_class(ws, len(self.sessions), self)
         async with self._new:
             self.sessions.append(session)
             self._new.notify_all()

@@ -52,8 +52,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from websockets.asyncio.server import ServerConnection, serve
-from websockets.datastructures import Headers
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
@@ -62,7 +61,7 @@ for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from fake_agent import EnergyVad, Reply, check, reply_audio  # noqa: E402
+from fake_agent import EnergyVad, FakeAgent, Reply, check, reply_audio  # noqa: E402
 from openai.types import realtime as rt  # noqa: E402
 
 log = logging.getLogger("fake_openai")
@@ -181,7 +180,7 @@ class FakeSession:
         self.barge_ins: list[float] = []  # times speech_started was sent
         self.created_at = time.monotonic()
         self.closed = asyncio.Event()
-        self.updated = asyncio.Event()
+        self.applied = asyncio.Event()  # session.updated sent (FakeAgent.session() waits for it)
         self.call = -1  # the benchmark's call index, from "call N" in the instructions
         self.faulted_at: float | None = None
         self._active: tuple[str, asyncio.Task] | None = None  # the response in progress
@@ -429,8 +428,8 @@ class FakeSession:
         if "call" in words and words.index("call") + 1 < len(words) and words[words.index("call") + 1].isdigit():
             self.call = int(words[words.index("call") + 1])
         await self.send({"type": "session.updated", "session": self.session})
-        if not self.updated.is_set():
-            self.updated.set()
+        if not self.applied.is_set():
+            self.applied.set()
             self.on_ready()
 
     def on_ready(self) -> None:
@@ -602,34 +601,18 @@ class FakeSession:
             await self.ws.send(text)
 
 
-class FakeRealtime:
+class FakeRealtime(FakeAgent):
     """The server: accepts sessions as OpenAI does; `sessions` in order of connection."""
+
+    session_class = FakeSession
 
     def __init__(self, api_key: str = "fake-openai-key", script: Script | None = None, faults: Faults | None = None,
                  host: str = "127.0.0.1", port: int = 0):
-        self.api_key = api_key
-        self.script = script or Script()
-        self.faults = faults or Faults()
-        self.host, self.port = host, port
-        self.sessions: list[FakeSession] = []
-        self.refused: list[Headers] = []
-        self._new = asyncio.Condition()
-        self._returned = 0
-        self._server = None
+        super().__init__(api_key, script or Script(), faults or Faults(), host, port)
 
     @property
     def url(self) -> str:
         return f"ws://{self.host}:{self.port}{PATH}?model=gpt-realtime"
-
-    async def __aenter__(self) -> "FakeRealtime":
-        self._server = await serve(self._handler, self.host, self.port, process_request=self._check,
-                                   compression=None, max_size=2**24)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self._server.close()
-        await self._server.wait_closed()
 
     async def _check(self, connection: ServerConnection, request: Request) -> Response | None:
         if self.faults.handshake_delay:
@@ -650,23 +633,6 @@ class FakeRealtime:
         response = connection.respond(http.HTTPStatus(status), body)
         response.headers["Content-Type"] = "application/json"
         return response
-
-    async def _handler(self, ws: ServerConnection) -> None:
-        session = FakeSession(ws, len(self.sessions), self)
-        async with self._new:
-            self.sessions.append(session)
-            self._new.notify_all()
-        await session.run()
-
-    async def session(self, index: int | None = None, timeout: float = 10.0) -> FakeSession:
-        """The session with this index (default: the next one not yet returned), once updated."""
-        if index is None:
-            index, self._returned = self._returned, self._returned + 1
-        async with self._new:
-            await asyncio.wait_for(self._new.wait_for(lambda: len(self.sessions) > index), timeout)
-        session = self.sessions[index]
-        await asyncio.wait_for(session.updated.wait(), timeout)
-        return session
 
 
 WHOLE = {"format", "turn_detection", "transcription", "noise_reduction"}  # replaced, never merged

@@ -10,19 +10,19 @@ import logging
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import pytest
 from twilio.request_validator import RequestValidator
 
 from agent.openai_realtime import greeting_instructions
-from conftest import STT_KEY, wait_for
+from conftest import STT_KEY
 from fake_agent import FakeAgent, Reply, reply_audio
 from fake_agent import Script as AgentScript
 from fake_openai import Faults, FakeRealtime, Script
 from simulate import run_agent_call
 from test_agent import events_of, of_type, quiet, subscriber, tone
-from test_agent_openai import KEY
+from test_agent_openai import KEY, realtime  # noqa: F401 (a fixture)
 from test_integration import metric_values
 from test_security import AUTH_TOKEN, PUBLIC_URL
 
@@ -58,21 +58,6 @@ def stream_of(twiml: str) -> tuple[ET.Element, str, dict[str, str]]:
     root = ET.fromstring(twiml)
     [stream] = root.iter("Stream")
     return root, stream.get("url"), {p.get("name"): p.get("value") for p in stream.iter("Parameter")}
-
-
-@pytest.fixture
-async def realtime(stacks):
-    fakes = []
-
-    async def make(script: Script | None = None, faults: Faults | None = None, **settings):
-        fake = await FakeRealtime(KEY, script, faults).__aenter__()
-        fakes.append(fake)
-        values = dict(openai_realtime_url=fake.url, openai_api_key=KEY, agent_provider="openai")
-        return await stacks(**{**values, **settings}), fake
-
-    yield make
-    for fake in fakes:
-        await fake.__aexit__()
 
 
 # --- the TwiML -----------------------------------------------------------------------------------------
