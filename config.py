@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+import dial
 import security
 from agent.tools import ToolError, ToolRegistry, load_tools
 
@@ -26,8 +27,10 @@ DEFAULT_DEEPGRAM_URL = (
     "&channels=2&multichannel=true&interim_results=true&punctuate=true"
 )
 ENGINES = ("auto", "deepgram", "whisper", "deterministic")
-AGENT_PROVIDERS = ("auto", "deepgram", "embedded")
+AGENT_PROVIDERS = ("auto", "deepgram", "embedded", "openai")
 DEFAULT_DEEPGRAM_AGENT_URL = "wss://agent.deepgram.com/v1/agent/converse"
+DEFAULT_OPENAI_REALTIME_URL = "wss://api.openai.com/v1/realtime?model=gpt-realtime"
+TURN_DETECTION_TYPES = ("server_vad", "semantic_vad")
 DEFAULT_AGENT_PROMPT = (
     "You are a friendly phone assistant. Keep every answer short and plain: the caller hears it, "
     "and can interrupt you. When the caller says goodbye, say goodbye and call end_call."
@@ -88,13 +91,23 @@ class Settings:
     agent_tool_timeout: float = 5.0  # seconds a tool may run before the model gets an error
     agent_end_call_wait: float = 10.0  # end_call: longest wait for the goodbye to be played
     agent_connect_timeout: float = 5.0  # opening and configuring the provider's session
+    # --- OpenAI Realtime agents, the TwiML webhook, transfers (README "OpenAI Realtime agents") ---
+    openai_api_key: str | None = field(default=None, repr=False)
+    openai_realtime_url: str = DEFAULT_OPENAI_REALTIME_URL
+    agent_voice: str = "marin"  # OpenAI's audio.output.voice
+    openai_turn_detection: Mapping = field(default_factory=lambda: {"type": "server_vad"}, hash=False)
+    agent_allowed_providers: tuple[str, ...] = ()  # a call may pick one with <Parameter name="agent">
+    agent_preconnect_seconds: float = 15.0  # /twiml opens the provider session; closed if no stream comes
+    require_webhook_token: bool = False  # streams must carry the token /twiml minted for their CallSid
+    transfer_targets: Mapping = field(default_factory=dict, hash=False)  # number or SIP URI -> description
 
     @property
     def agent_backend(self) -> str:
-        """The agent provider in use: Deepgram when a key is set (or asked for), else the embedded one."""
+        """The agent provider in use: Deepgram when its key is set (or asked for), else OpenAI when
+        its key is set, else the embedded one."""
         if self.agent_provider != "auto":
             return self.agent_provider
-        return "deepgram" if self.deepgram_api_key else "embedded"
+        return "deepgram" if self.deepgram_api_key else "openai" if self.openai_api_key else "embedded"
     # --- the embedded agent (README "The embedded agent") ---
     agent_embedded_mode: str = "live"  # "deterministic": no recogniser, no flite, no randomness
     agent_llm_url: str | None = None  # an OpenAI-compatible endpoint to think with, else the built-in responder
@@ -219,6 +232,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         **_agent_settings(env, api_key),
         **_embedded_agent_settings(env),
         **_scaling_settings(env),
+        **_openai_settings(env, api_key),
     )
 
 
@@ -374,6 +388,75 @@ def _agent_settings(env: Mapping[str, str], deepgram_api_key: str | None) -> dic
         agent_tool_timeout=_number(env, "AGENT_TOOL_TIMEOUT", 5.0, 0.1, 600.0, float),
         agent_end_call_wait=_number(env, "AGENT_END_CALL_WAIT", 10.0, 0.0, 120.0, float),
         agent_connect_timeout=_number(env, "AGENT_CONNECT_TIMEOUT", 5.0, 0.5, 60.0, float),
+    )
+
+
+# --- OpenAI Realtime agents, the TwiML webhook, transfers (README "OpenAI Realtime agents") ------
+
+
+def _openai_settings(env: Mapping[str, str], deepgram_api_key: str | None) -> dict:
+    key = (env.get("OPENAI_API_KEY") or "").strip() or None
+    if (env.get("AGENT_PROVIDER") or "").strip().lower() == "openai" and not key:
+        raise ConfigError("OPENAI_API_KEY", "AGENT_PROVIDER=openai needs an OpenAI API key")
+    url = (env.get("OPENAI_REALTIME_URL") or DEFAULT_OPENAI_REALTIME_URL).strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.netloc:
+        raise ConfigError("OPENAI_REALTIME_URL", f"expected a ws:// or wss:// URL, got {url!r}")
+    voice = (env.get("AGENT_VOICE") or "marin").strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", voice):
+        raise ConfigError("AGENT_VOICE", f"expected a voice name such as marin or cedar, got {voice!r}")
+
+    raw = (env.get("OPENAI_TURN_DETECTION") or "server_vad").strip()
+    if raw.startswith("{"):
+        try:
+            turn_detection = json.loads(raw)
+        except ValueError as exc:
+            raise ConfigError("OPENAI_TURN_DETECTION", f"not valid JSON: {exc}") from None
+    else:
+        turn_detection = {"type": raw}
+    if not isinstance(turn_detection, dict) or turn_detection.get("type") not in TURN_DETECTION_TYPES:
+        raise ConfigError("OPENAI_TURN_DETECTION", "expected server_vad, semantic_vad, or a JSON object with one of "
+                                                   "them as \"type\" and its options (barge-in needs turn detection)")
+
+    available = {"embedded"} | ({"deepgram"} if deepgram_api_key else set()) | ({"openai"} if key else set())
+    raw = (env.get("AGENT_ALLOWED_PROVIDERS") or "").strip()
+    # By default a call may pick among the providers whose keys are set; the embedded agent (a
+    # recogniser pool and flite to load) only when no key is set, or when listed here.
+    allowed = tuple(dict.fromkeys(p.strip().lower() for p in raw.split(",") if p.strip())) if raw else (
+        tuple(p for p in ("deepgram", "openai") if p in available) or ("embedded",))
+    for name in allowed:
+        if name not in ("deepgram", "openai", "embedded"):
+            raise ConfigError("AGENT_ALLOWED_PROVIDERS", f"unknown provider {name!r}; use deepgram, openai, embedded")
+        if name not in available:
+            raise ConfigError("AGENT_ALLOWED_PROVIDERS", f"{name} needs its API key "
+                                                         f"({'DEEPGRAM' if name == 'deepgram' else 'OPENAI'}_API_KEY)")
+
+    raw = (env.get("TRANSFER_TARGETS") or "").strip()
+    targets: dict = {}
+    if raw:
+        try:
+            targets = json.loads(raw)
+        except ValueError as exc:
+            raise ConfigError("TRANSFER_TARGETS", f"expected a JSON object of number or SIP URI -> description: {exc}"
+                              ) from None
+        if not isinstance(targets, dict) or not targets:
+            raise ConfigError("TRANSFER_TARGETS", 'expected a JSON object such as {"+15550001111": "the sales desk"}')
+        for target, description in targets.items():
+            problem = dial.problem(target)
+            if problem:
+                raise ConfigError("TRANSFER_TARGETS", problem)
+            if not isinstance(description, str) or not description.strip():
+                raise ConfigError("TRANSFER_TARGETS", f"{target}: the description (for the model) must be a text")
+
+    return dict(
+        openai_api_key=key,
+        openai_realtime_url=url,
+        agent_voice=voice,
+        openai_turn_detection=turn_detection,
+        agent_allowed_providers=allowed,
+        agent_preconnect_seconds=_number(env, "AGENT_PRECONNECT_SECONDS", 15.0, 0.0, 600.0, float),
+        require_webhook_token=_flag(env, "REQUIRE_WEBHOOK_TOKEN"),
+        transfer_targets=targets,
     )
 
 

@@ -7,6 +7,7 @@ One `websockets` server, two websocket routes and three plain HTTP ones:
             (audio) and streamed to the recogniser (upstream), all owned by a `Call` (calls).
 - /agent    a Twilio <Connect><Stream>: a voice agent answers the caller (agent/bridge.py).
 - /client   subscribers (hub): the tutorial's raw protocol, or JSON mode for programs.
+- /twiml, /twiml/action   Twilio's "A call comes in" webhook and <Connect action> (webhook.py).
 - /healthz, /readyz, /metrics   liveness, readiness (false while shutting down), Prometheus.
 
 With no DEEPGRAM_API_KEY the recogniser is the embedded one: a Deepgram-compatible server
@@ -44,7 +45,11 @@ import security
 import tuning
 from agent.bridge import AgentCall, AgentCalls
 from agent.deepgram import DeepgramAgent
+from agent.openai_realtime import OpenAIRealtime
 from agent.provider import ProviderFactory
+from agent.providers import Preconnect, ProviderChoice
+from agent.tools import ToolError, ToolRegistry
+from agent.transfer import Transfers, transfer_tool
 from calls import Calls
 from config import ConfigError, Settings, configure_logging, load_settings, redis_password
 from hub import EVERY_CALL, BadSubscription, FanOut, Hub, Subscriber, parse_subscription
@@ -52,6 +57,7 @@ from sendnow import send_now
 from twilio_events import BadEvent, Connected, Event, Media, Start, Stop, Unknown, parse_event
 from throttle import Throttle
 from upstream import DeepgramStream
+from webhook import Webhook
 
 log = logging.getLogger("server")
 
@@ -74,8 +80,9 @@ MAX_MESSAGES_BEFORE_START = 50
 
 class Proxy:
     def __init__(self, settings: Settings, upstream_url: str, upstream_key: str,
-                 agent_factory: ProviderFactory | None = None):
+                 agent_factory: ProviderFactory | None = None, webhook: Webhook | None = None):
         self.settings = settings
+        self.webhook = webhook  # /twiml; also mints the per-call tokens checked on stream starts
         self.upstream_url = upstream_url
         self.upstream_key = upstream_key
         self.agent_factory = agent_factory  # None: no agent provider, /agent answers 503
@@ -116,6 +123,8 @@ class Proxy:
             body = metrics.render()
             headers = Headers({"Content-Type": "text/plain; version=0.0.4", "Content-Length": str(len(body))})
             return Response(http.HTTPStatus.OK, "OK", headers, body)
+        if path in ("/twiml", "/twiml/action") and self.webhook is not None:
+            return self.webhook.respond(connection, request)
         if path not in ("/twilio", "/agent", "/client"):
             return connection.respond(http.HTTPStatus.NOT_FOUND, "unknown path; use /twilio, /agent or /client\n")
         if path in ("/twilio", "/agent") and not self.ready:
@@ -212,11 +221,10 @@ class Proxy:
                     if call is not None:
                         self._bad_frame(call, BadEvent("repeated_start", "a second start on one socket"), ws)
                         continue
-                    if self.settings.call_token:
-                        if not self._call_token_valid(event, ws):
-                            await _close_draining(ws, CLOSE_POLICY_VIOLATION, "missing or invalid call token")
-                            break
-                        event = self._without_call_token(event)
+                    if not self._call_token_valid(event, ws):
+                        await _close_draining(ws, CLOSE_POLICY_VIOLATION, "missing or invalid call token")
+                        break
+                    event = self._without_call_token(event)
                     call, offset = await self.calls.join(event, ws)
                 elif isinstance(event, Stop):
                     break
@@ -255,21 +263,29 @@ class Proxy:
             return
         if start is None:
             return
-        if self.settings.call_token:
-            if not self._call_token_valid(start, ws, "/agent"):
-                await _close_draining(ws, CLOSE_POLICY_VIOLATION, "missing or invalid call token")
-                return
-            start = self._without_call_token(start)
+        if not self._call_token_valid(start, ws, "/agent"):
+            await _close_draining(ws, CLOSE_POLICY_VIOLATION, "missing or invalid call token")
+            return
+        start = self._without_call_token(start)
         metrics.twilio_streams_total.inc()
         call = AgentCall(ws, start, settings=self.settings, hub=self.hub, provider_factory=self.agent_factory,
                          parse=lambda message, call: self._parse(message, call, ws))
+        if self.webhook is not None:
+            self.webhook.track(call.call_sid, lambda: call.outcome)  # for its <Connect action> request
         await self.agent_calls.run(call)
 
     def _call_token_valid(self, start: Start, ws: ServerConnection, path: str = "/twilio") -> bool:
-        """CALL_TOKEN: the <Parameter> in the TwiML must carry the shared token (a second check,
-        for deployments where PUBLIC_URL cannot be pinned and signatures cannot be checked)."""
+        """The token <Parameter>: the one /twiml minted for this CallSid if it minted one; else
+        CALL_TOKEN, the shared token of a static TwiML (a second check, for deployments where
+        PUBLIC_URL cannot be pinned and signatures cannot be checked), when it is set; else none,
+        unless REQUIRE_WEBHOOK_TOKEN."""
         presented = start.customParameters.get(self.settings.call_token_param)
-        if presented is not None and security.token_valid(presented, [self.settings.call_token]):
+        minted = self.webhook.tokens.check(start.callSid, presented) if self.webhook is not None else None
+        if minted is None and not self.settings.require_webhook_token:
+            if not self.settings.call_token:
+                return True
+            minted = presented is not None and security.token_valid(presented, [self.settings.call_token])
+        if minted:
             return True
         self._auth_failed(ws, path, "call_token",
                           f"start for {start.callSid} without the <Parameter name={self.settings.call_token_param!r}>")
@@ -277,6 +293,8 @@ class Proxy:
 
     def _without_call_token(self, start: Start) -> Start:
         """The start event minus the token, so subscribers never see it in `call_started`."""
+        if self.settings.call_token_param not in start.customParameters:
+            return start
         params = {k: v for k, v in start.customParameters.items() if k != self.settings.call_token_param}
         return dataclasses.replace(start, customParameters=params)
 
@@ -468,29 +486,56 @@ async def start_recogniser(settings: Settings, stack: AsyncExitStack) -> tuple[s
     return urlunsplit(urlsplit(stt.url)._replace(query=query)), key
 
 
-async def start_agent(settings: Settings, stack: AsyncExitStack) -> ProviderFactory:
-    """The agent provider for /agent: Deepgram's Voice Agent, or the embedded Deepgram-compatible
-    agent started in-process on loopback (one code path, as with local_stt for transcription)."""
-    if settings.agent_backend == "deepgram":
-        url, key = settings.deepgram_agent_url, settings.deepgram_api_key
-        log.info("voice agent: Deepgram at %s", urlsplit(url).netloc)
-    else:
-        from agent.embedded import EmbeddedAgent
+async def start_agent(settings: Settings, stack: AsyncExitStack) -> ProviderChoice | None:
+    """The agent providers for /agent: the deployment's (AGENT_PROVIDER) and those a call may pick
+    (AGENT_ALLOWED_PROVIDERS): Deepgram's Voice Agent, OpenAI Realtime, or the embedded
+    Deepgram-compatible agent started in-process on loopback (one code path, as with local_stt)."""
+    factories: dict[str, ProviderFactory] = {}
+    for name in dict.fromkeys((settings.agent_backend, *settings.agent_allowed_providers)):
+        if name == "deepgram":
+            factories[name] = functools.partial(DeepgramAgent, url=settings.deepgram_agent_url,
+                                                api_key=settings.deepgram_api_key, name="deepgram",
+                                                connect_timeout=settings.agent_connect_timeout)
+            log.info("voice agent: Deepgram at %s", urlsplit(settings.deepgram_agent_url).netloc)
+        elif name == "openai":
+            factories[name] = functools.partial(OpenAIRealtime, url=settings.openai_realtime_url,
+                                                api_key=settings.openai_api_key, voice=settings.agent_voice,
+                                                turn_detection=settings.openai_turn_detection,
+                                                connect_timeout=settings.agent_connect_timeout)
+            log.info("voice agent: OpenAI Realtime at %s", urlsplit(settings.openai_realtime_url).netloc)
+        else:
+            from agent.embedded import EmbeddedAgent
 
-        live = settings.agent_embedded_mode == "live"
-        key = secrets.token_urlsafe(24)
-        backend = await stack.enter_async_context(EmbeddedAgent(
-            host="127.0.0.1", port=0, api_key=key, settings=settings,
-            engine_factory=await start_whisper(settings, stack) if live else None))
-        url = backend.url
-        why = "AGENT_PROVIDER is set" if settings.agent_provider != "auto" else "DEEPGRAM_API_KEY is not set"
-        log.info("voice agent: embedded on %s (%s)", url, why)
+            live = settings.agent_embedded_mode == "live"
+            key = secrets.token_urlsafe(24)
+            backend = await stack.enter_async_context(EmbeddedAgent(
+                host="127.0.0.1", port=0, api_key=key, settings=settings,
+                engine_factory=await start_whisper(settings, stack) if live else None))
+            factories[name] = functools.partial(DeepgramAgent, url=backend.url, api_key=key, name="embedded",
+                                                connect_timeout=settings.agent_connect_timeout)
+            why = "AGENT_PROVIDER is set" if settings.agent_provider != "auto" else "no provider key is set"
+            log.info("voice agent: embedded on %s (%s)", backend.url, why)
+    if settings.agent_backend not in factories:
+        log.warning("voice agent: /agent answers 503 until DEEPGRAM_API_KEY or OPENAI_API_KEY is set")
+        return None
+    choice = ProviderChoice(factories, settings.agent_backend, settings.agent_allowed_providers,
+                            settings.agent_provider_settings)
+    if len(choice.allowed) > 1:
+        log.info("voice agent: %s by default; a call may pick %s with <Parameter name=\"agent\">",
+                 settings.agent_backend, ", ".join(choice.allowed))
+    return choice
 
-    def provider(setup):
-        return DeepgramAgent(setup, url=url, api_key=key, name=settings.agent_backend,
-                             connect_timeout=settings.agent_connect_timeout)
 
-    return provider
+def with_transfer_tool(settings: Settings, transfers: Transfers) -> Settings:
+    """TRANSFER_TARGETS set: the same settings with `transfer_call` among the agent's tools."""
+    if not settings.transfer_targets:
+        return settings
+    tools = [*settings.agent_tools.tools.values(), transfer_tool(settings.transfer_targets, transfers)]
+    try:
+        return dataclasses.replace(settings, agent_tools=ToolRegistry(tools))
+    except ToolError:
+        raise ConfigError("AGENT_TOOLS", "transfer_call is a built-in tool name when TRANSFER_TARGETS is set"
+                          ) from None
 
 
 async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future | None = None, *,
@@ -502,7 +547,14 @@ async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future |
     """
     async with AsyncExitStack() as stack:
         url, key = await start_recogniser(settings, stack)
-        proxy = Proxy(settings, url, key, await start_agent(settings, stack))
+        transfers = Transfers()
+        settings = with_transfer_tool(settings, transfers)
+        providers = await start_agent(settings, stack)
+        preconnect = Preconnect(providers, settings.agent_preconnect_seconds, settings.max_calls) if providers else None
+        if preconnect is not None:
+            stack.push_async_callback(preconnect.close_all)
+        webhook = Webhook(settings, providers=providers, preconnect=preconnect, transfers=transfers)
+        proxy = Proxy(settings, url, key, preconnect, webhook)
         await proxy.hub.start()
         stack.push_async_callback(proxy.hub.aclose)  # after the calls' last messages (drain below)
         metrics.CALL_FIGURES.sources.add(proxy.calls.figures)  # live per-call counters on /metrics
@@ -524,7 +576,7 @@ async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future |
         ))
         port = server.sockets[0].getsockname()[1]
         scheme = "wss" if settings.tls else "ws"
-        log.info("listening on %s://%s:%d (/twilio, /agent, /client, /healthz, /readyz, /metrics)",
+        log.info("listening on %s://%s:%d (/twilio, /agent, /client, /twiml, /healthz, /readyz, /metrics)",
                  scheme, settings.host, port)
         if started is not None:
             started.set_result((port, proxy))
@@ -559,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, f"worker-{worker}" if worker else "")
     tuning.tune_allocator()
     security.redact_logs([settings.deepgram_api_key, settings.twilio_auth_token, settings.call_token,
-                          settings.agent_llm_api_key, redis_password(settings.redis_url), *settings.client_tokens])
+                          settings.agent_llm_api_key, settings.openai_api_key, redis_password(settings.redis_url), *settings.client_tokens])
     if settings.workers > 1 and not worker:
         import workers
 

@@ -511,16 +511,18 @@ class AgentCall:
         self.hub.close_call(self.call_sid, summary)
         counters.calls_active.dec()
         counters.end_of_call_total.labels(summary["endOfCall"]).inc()
+        tokens = ",".join(f"{kind}:{n}" for kind, n in self.tokens.items())  # usage (OpenAI): what it cost
         log.info(
             "agent call ended callSid=%s streamSid=%s provider=%s duration=%.1fs outcome=%s turns=%d barge_ins=%d "
             "tool_calls=%d tool_failures=%d dtmf=%d played=%.1fs discarded=%.1fs unplayed=%.1fs provider_errors=%d "
-            "caller_audio=%.1fs caller_audio_unsent=%.1fs provider_messages=%d bad_provider_messages=%d bad_frames=%d",
+            "caller_audio=%.1fs caller_audio_unsent=%.1fs provider_messages=%d bad_provider_messages=%d bad_frames=%d"
+            "%s",
             self.call_sid, self.stream_sid, self.provider.name, summary["duration"], summary["endOfCall"],
             self.figures["turns"], self.figures["bargeIns"], self.figures["toolCalls"], self.figures["toolFailures"],
             self.figures["dtmf"], stats.heard / BYTES_PER_SECOND, stats.discarded / BYTES_PER_SECOND,
             (unplayed + self.unsent_bytes) / BYTES_PER_SECOND, self.figures["providerErrors"],
             self.caller_bytes / BYTES_PER_SECOND, provider.audio_unsent_bytes / BYTES_PER_SECOND, provider.messages,
-            provider.bad_messages, self.figures["badFrames"],
+            provider.bad_messages, self.figures["badFrames"], f" tokens={tokens}" if tokens else "",
         )
         self.ended.set()
 

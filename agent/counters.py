@@ -43,3 +43,12 @@ provider_errors_total = Counter(
 provider_bad_messages = Counter(
     "agent_provider_bad_messages", "Unparsable or unexpected provider messages", ["provider"], registry=REGISTRY,
 )
+tokens_total = Counter(
+    "agent_tokens", "Model tokens used by agent calls (OpenAI's response.done usage), by provider and kind "
+    "(input, output, inputText, inputAudio, inputCached, outputText, outputAudio)", ["provider", "kind"],
+    registry=REGISTRY,
+)
+preconnects_total = Counter(
+    "agent_preconnects", "Provider sessions opened by the TwiML webhook before the stream, by what became of them "
+    "(opened, used, expired, mismatch, evicted)", ["result"], registry=REGISTRY,
+)

@@ -31,16 +31,16 @@ from typing import AsyncIterator
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.http11 import Response
 
 from agent import counters
 from agent.provider import (
-    AgentAudio, AgentAudioDone, AgentEvent, AgentSetup, Latency, ProviderError, ProviderFailed, ProviderStats,
-    ToolCallRequest, Transcript, UserStartedSpeaking,
+    AgentAudio, AgentAudioDone, AgentEvent, AgentSetup, Latency, ProviderError, ProviderFailed, ProviderMessages,
+    ProviderStats, ToolCallRequest, Transcript, UserStartedSpeaking, close_socket, merged, setup_failure,
 )
 from agent.tools import ToolResult
 from sendnow import send_now
-from throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,17 @@ KEEPALIVE = '{"type":"KeepAlive"}'
 KEEPALIVE_SECONDS = 5.0  # Deepgram closes an idle session (CLIENT_MESSAGE_TIMEOUT) after ~10 s
 MAX_QUEUED_AUDIO = 10 * 8000  # caller audio held while connecting or while the socket lags: 10 s
 MAX_MESSAGE_BYTES = 2**22  # agent audio can come in large binary messages
-BAD_MESSAGE_LOG_INTERVAL = 10.0
+
+
+def _refusal(response: Response) -> str:
+    """Deepgram's reason for refusing an upgrade, and the request id to quote to its support."""
+    reason = response.headers.get("dg-error", "") or response.body.decode(errors="replace")[:200]
+    return f"{reason} (dg-request-id {response.headers.get('dg-request-id', '-')})".strip()
 
 
 def settings_message(setup: AgentSetup) -> dict:
     """The `Settings` message for one call (protocols.md C.2)."""
-    message = _merged({"type": "Settings", "audio": AUDIO, "agent": DEFAULT_AGENT}, setup.provider_settings)
+    message = merged({"type": "Settings", "audio": AUDIO, "agent": DEFAULT_AGENT}, setup.provider_settings)
     message["type"] = "Settings"
     message["audio"] = copy.deepcopy(AUDIO)  # Twilio's format both ways, whatever the file says
     agent = message["agent"]
@@ -74,17 +79,6 @@ def settings_message(setup: AgentSetup) -> dict:
         server_side = [f for f in think.get("functions", []) if isinstance(f, dict) and "endpoint" in f]
         think["functions"] = server_side + setup.tools.schemas()
     return message
-
-
-def _merged(base: dict, extra) -> dict:
-    """`base` with `extra` merged in: objects merge key by key, anything else is replaced."""
-    out = copy.deepcopy(base)
-    for key, value in (extra or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merged(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 class DeepgramAgent:
@@ -110,7 +104,7 @@ class DeepgramAgent:
         self._writer: asyncio.Task | None = None
         self._last_sent = time.monotonic()
         self._early: list[AgentEvent] = []  # events that arrived before SettingsApplied
-        self._bad_log = Throttle(BAD_MESSAGE_LOG_INTERVAL)
+        self._messages = ProviderMessages(name, self.label, self.stats)
         # Reply numbering (see the module docstring).
         self._replies = 0
         self._segment: str | None = None  # the reply whose audio is arriving
@@ -128,20 +122,8 @@ class DeepgramAgent:
                 self._ws = await connect(self.url, additional_headers=self._headers, max_size=MAX_MESSAGE_BYTES,
                                          compression=None, open_timeout=None)
                 await self._handshake(self._ws)
-        except InvalidStatus as exc:
-            response = exc.response
-            reason = response.headers.get("dg-error", "") or response.body.decode(errors="replace")[:200]
-            raise ProviderFailed(f"Deepgram refused the connection: HTTP {response.status_code} {reason}".strip()
-                                 + f" (dg-request-id {response.headers.get('dg-request-id', '-')})",
-                                 f"http_{response.status_code}") from None
-        except TimeoutError:
-            raise ProviderFailed(f"no Deepgram agent session within {self.connect_timeout:g} s", "timeout") from None
-        except (OSError, InvalidHandshake) as exc:
-            raise ProviderFailed(f"cannot reach Deepgram: {exc or type(exc).__name__}", "unreachable") from None
-        except ConnectionClosed as exc:
-            close = exc.rcvd
-            raise ProviderFailed("Deepgram closed the session during set-up"
-                                 + (f": {close.code} {close.reason}" if close else ""), "closed") from None
+        except (OSError, InvalidHandshake, ConnectionClosed) as exc:  # TimeoutError is an OSError
+            raise setup_failure(exc, "Deepgram", "Deepgram agent session", self.connect_timeout, _refusal) from None
         finally:
             if not self._ready and self._ws is not None:
                 self._ws.transport.abort()
@@ -149,7 +131,7 @@ class DeepgramAgent:
         self._wakeup.set()  # audio that arrived while connecting goes out now
 
     async def _handshake(self, ws: ClientConnection) -> None:
-        welcome = self._parse(await ws.recv())
+        welcome = self._messages.parse(await ws.recv())
         if welcome.get("type") != "Welcome":
             raise ProviderFailed(f"Deepgram sent {welcome.get('type')!r} instead of Welcome", "protocol")
         self.request_id = str(welcome.get("request_id", ""))
@@ -158,7 +140,7 @@ class DeepgramAgent:
             message = await ws.recv()
             if isinstance(message, bytes):
                 continue  # no audio is expected before SettingsApplied
-            data = self._parse(message)
+            data = self._messages.parse(message)
             if data.get("type") == "SettingsApplied":
                 self._ready = True
                 log.info("call %s: Deepgram agent session %s ready", self.label, self.request_id)
@@ -244,7 +226,7 @@ class DeepgramAgent:
                     if event is not None:
                         yield event
                     continue
-                events = self._on_message(self._parse(message), message)
+                events = self._on_message(self._messages.parse(message), message)
                 for event in events:
                     yield event
                     if isinstance(event, ProviderError) and event.fatal:
@@ -346,29 +328,10 @@ class DeepgramAgent:
                         "ListenUpdated", "FunctionCallResponse", "History", "FunctionCallCancelled"):
                 return []  # acknowledgements and information the call does not need
         except (KeyError, TypeError, ValueError) as exc:
-            self._bad(f"malformed {kind}: {type(exc).__name__} {exc}")
+            self._messages.bad(f"malformed {kind}: {type(exc).__name__} {exc}")
             return []
-        self._bad(f"unknown message type {str(kind)[:40]!r}")
+        self._messages.bad(f"unknown message type {str(kind)[:40]!r}")
         return []
-
-    def _parse(self, message: str | bytes) -> dict:
-        """A JSON object from Deepgram, or {} (counted and logged) for anything else."""
-        self.stats.messages += 1
-        try:
-            data = orjson.loads(message)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict) or not isinstance(data.get("type"), str):
-            self._bad(f"not a JSON message with a type: {str(message)[:60]!r}")
-            return {}
-        return data
-
-    def _bad(self, what: str) -> None:
-        self.stats.bad_messages += 1
-        counters.provider_bad_messages.labels(self.name).inc()
-        count = self._bad_log.hit()
-        log.log(logging.WARNING if count else logging.DEBUG, "call %s: bad message from %s: %s%s", self.label,
-                self.name, what, f" ({count} since the last report)" if count > 1 else "")
 
     # --- the end -------------------------------------------------------------------------------
 
@@ -382,9 +345,4 @@ class DeepgramAgent:
                 self.stats.audio_unsent_bytes += len(message)
         self._outbox.clear()
         self._queued_audio = 0
-        if self._ws is not None:
-            try:
-                async with asyncio.timeout(1.0):
-                    await self._ws.close()
-            except TimeoutError:
-                self._ws.transport.abort()
+        await close_socket(self._ws)

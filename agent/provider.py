@@ -24,12 +24,21 @@ Contract of an `AgentProvider`:
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import logging
 import re
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Literal, Mapping, Protocol
 
+import orjson
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.http11 import Response
+
+from agent import counters
 from agent.tools import CallContext, ToolRegistry, ToolResult
+from throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +162,78 @@ class AgentProvider(Protocol):
 
 
 ProviderFactory = Callable[[AgentSetup], AgentProvider]
+
+
+def merged(base: dict, extra) -> dict:
+    """`base` with `extra` (AGENT_SETTINGS_FILE) merged in: objects merge key by key, anything else
+    is replaced. Neither argument is modified."""
+    out = copy.deepcopy(base)
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class ProviderMessages:
+    """A provider's incoming JSON messages: parsed and counted; the bad ones counted in
+    `agent_provider_bad_messages_total` and logged, rate-limited (a provider gone wrong can send
+    thousands a second, and the call goes on)."""
+
+    LOG_INTERVAL = 10.0
+
+    def __init__(self, provider: str, label: str, stats: ProviderStats):
+        self.provider, self.label, self.stats = provider, label, stats
+        self._throttle = Throttle(self.LOG_INTERVAL)
+
+    def parse(self, message: str | bytes) -> dict:
+        """A JSON object with a string `type`, or {} (counted and logged) for anything else."""
+        self.stats.messages += 1
+        try:
+            data = orjson.loads(message)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+            self.bad(f"not a JSON message with a type: {str(message)[:60]!r}")
+            return {}
+        return data
+
+    def bad(self, what: str) -> None:
+        self.stats.bad_messages += 1
+        counters.provider_bad_messages.labels(self.provider).inc()
+        count = self._throttle.hit()
+        log.log(logging.WARNING if count else logging.DEBUG, "call %s: bad message from %s: %s%s", self.label,
+                self.provider, what, f" ({count} since the last report)" if count > 1 else "")
+
+
+def setup_failure(exc: BaseException, provider: str, session: str, timeout: float,
+                  refusal: Callable[[Response], str]) -> ProviderFailed:
+    """What went wrong while opening a provider session, as the `ProviderFailed` the call reports:
+    refused (HTTP status, with `refusal(response)` as the provider's reason), timed out,
+    closed during set-up, or unreachable."""
+    if isinstance(exc, InvalidStatus):
+        status = exc.response.status_code
+        return ProviderFailed(f"{provider} refused the connection: HTTP {status} {refusal(exc.response)}".strip(),
+                              f"http_{status}")
+    if isinstance(exc, TimeoutError):
+        return ProviderFailed(f"no {session} within {timeout:g} s", "timeout")
+    if isinstance(exc, ConnectionClosed):
+        close = exc.rcvd
+        return ProviderFailed(f"{provider} closed the session during set-up"
+                              + (f": {close.code} {close.reason}" if close else ""), "closed")
+    return ProviderFailed(f"cannot reach {provider}: {exc or type(exc).__name__}", "unreachable")
+
+
+async def close_socket(ws: ClientConnection | None) -> None:
+    """Close a provider socket, waiting at most a second for the provider's answer."""
+    if ws is None:
+        return
+    try:
+        async with asyncio.timeout(1.0):
+            await ws.close()
+    except TimeoutError:
+        ws.transport.abort()
 
 
 # --- placeholders ------------------------------------------------------------------------------

@@ -22,9 +22,13 @@ Measured:
 - a stalled-subscriber run; a soak run (fast pace, waves of calls) that counts asyncio tasks,
   open fds and RSS from the proxy's /metrics before, during and after;
 - voice agents (`agent`): N calls on /agent against the fake Deepgram Voice Agent
-  (tests/fake_agent.py) speaking on a schedule, with barge-ins: server CPU per agent
-  call-minute, provider audio in -> Twilio media out and UserStartedSpeaking -> clear (p50/p99),
-  agent audio lost or reordered.
+  (tests/fake_agent.py), then against the fake OpenAI Realtime server (tests/fake_openai.py),
+  speaking on a schedule, with barge-ins: server CPU per agent call-minute, provider audio in ->
+  Twilio media out and the barge-in event -> clear (p50/p99), agent audio lost or reordered; for
+  OpenAI also every truncate's `audio_end_ms` against what the caller had heard of the item.
+- the greeting's delay (`greeting`): calls to /agent through the TwiML webhook (the provider
+  session opened by /twiml) and straight to /agent (opened at the stream's `start`),
+  alternating, against a fake OpenAI whose handshake takes `--greeting-handshake` seconds.
 
 Every time is CLOCK_MONOTONIC, comparable across these processes. Targets are printed as
 met/missed; nothing here is a test assertion.
@@ -825,8 +829,8 @@ def scenario_agent(b: Bench, rep: Report, n: int, seconds: float) -> None:
     load runs through a bare relay (bench/floor_agent.py) first: its latency is what this machine
     adds whatever the server does.
     """
-    runs = {target: agent_run(b, target, n, seconds) for target in ("floor", "proxy")}
-    floor, proxy = runs["floor"], runs["proxy"]
+    runs = {target: agent_run(b, target, n, seconds) for target in ("floor", "proxy", "openai")}
+    floor, proxy, openai = runs["floor"], runs["proxy"], runs["openai"]
     rep.add(f"### Agent calls: N = {n} for {seconds:g} s each (starts spread over {AGENT_EVERY:g} s), a "
             f"{AGENT_REPLY_SECONDS:g} s reply every {AGENT_EVERY:g} s at 2x real time, a barge-in on each", "")
     rows = []
@@ -836,18 +840,33 @@ def scenario_agent(b: Bench, rep: Report, n: int, seconds: float) -> None:
                      f"{r['barge_p99_ms']:.2f}", f"{r['checked_seconds']:.0f} s, {r['lost']}", str(r["violations"]),
                      f"{r['lag_p99_ms']:.1f}"])
     rep.table(["target", "server CPU per call-minute", "provider audio -> media, p50 / p99 ms",
-               "UserStartedSpeaking -> clear, p50 / p99 ms", "audio checked, bytes lost or reordered",
+               "barge-in event -> clear, p50 / p99 ms", "audio checked, bytes lost or reordered",
                "protocol violations", "load generator lag p99 ms"], rows)
-    rep.add(f"proxy: {proxy['chunks']} agent audio chunks timed, {proxy['barge_ins']} barge-ins "
-            f"({proxy['no_clear']} with nothing playing); floor = a bare relay with no framing, ledger or hub", "")
-    rep.target(f"{n} concurrent agent calls on one process", f"{proxy['calls']} calls, {proxy['sessions']} sessions",
-               proxy["sessions"] == n == proxy["calls"])
-    rep.target("agent audio forwarding p99 ≤ 5 ms", f"{proxy['forward_p99_ms']:.2f} ms (floor "
-               f"{floor['forward_p99_ms']:.2f} ms)", proxy["forward_p99_ms"] <= 5)
-    rep.target("barge-in reaction (clear) p99 ≤ 5 ms", f"{proxy['barge_p99_ms']:.2f} ms (floor "
-               f"{floor['barge_p99_ms']:.2f} ms)", proxy["barge_p99_ms"] <= 5)
-    rep.target("agent audio: 0 bytes lost or reordered", str(proxy["lost"]),
-               proxy["lost"] == 0 and proxy["violations"] == 0)
+    for name in ("proxy", "openai"):
+        r = runs[name]
+        rep.add(f"{name}: {r['chunks']} agent audio chunks timed, {r['barge_ins']} barge-ins "
+                f"({r['no_clear']} with nothing playing)", "")
+    rep.add(f"openai: {openai['truncations']} truncates, {openai['rejected']} rejected by the fake; audio_end_ms "
+            f"minus what the caller had heard of the item when the clear reached it: p50 "
+            f"{openai['trunc_err_p50_ms']:+.1f} ms, p1 {openai['trunc_err_p1_ms']:+.1f} ms, p99 "
+            f"{openai['trunc_err_p99_ms']:+.1f} ms, from {openai['trunc_err_min_ms']:+.1f} to "
+            f"{openai['trunc_err_max_ms']:+.1f} ms, {100 * openai['trunc_within_frame']:.1f} % within ±20 ms "
+            "(negative: cut before the heard position, by the time the clear took to reach the caller)",
+            "proxy = the server with Deepgram's Voice Agent (the fake), openai = the server with OpenAI "
+            "Realtime (the fake); floor = a bare relay with no framing, ledger or hub", "")
+    for name in ("proxy", "openai"):
+        r = runs[name]
+        rep.target(f"{name}: {n} concurrent agent calls on one process", f"{r['calls']} calls, {r['sessions']} "
+                   "sessions", r["sessions"] == n == r["calls"])
+        rep.target(f"{name}: agent audio forwarding p99 ≤ 5 ms", f"{r['forward_p99_ms']:.2f} ms (floor "
+                   f"{floor['forward_p99_ms']:.2f} ms)", r["forward_p99_ms"] <= 5)
+        rep.target(f"{name}: barge-in reaction (clear) p99 ≤ 5 ms", f"{r['barge_p99_ms']:.2f} ms (floor "
+                   f"{floor['barge_p99_ms']:.2f} ms)", r["barge_p99_ms"] <= 5)
+        rep.target(f"{name}: agent audio: 0 bytes lost or reordered", str(r["lost"]),
+                   r["lost"] == 0 and r["violations"] == 0)
+    rep.target("openai: no truncate rejected, none beyond the heard position by more than one frame (20 ms)",
+               f"{openai['rejected']} rejected, at most {openai['trunc_err_max_ms']:+.1f} ms",
+               openai["rejected"] == 0 and openai["trunc_err_max_ms"] <= 20)
     rep.data["agent"] = runs
 
 
@@ -860,20 +879,24 @@ def agent_run(b: Bench, target: str, n: int, seconds: float) -> dict:
     every = AGENT_EVERY
     b.log(f"[bench] run {b.run_no}: agent calls, {target}, N={n} {seconds:g} s")
     try:
-        fake = Proc("fake-agent", [PY, str(ROOT / "tests" / "fake_agent.py"), "--port", "0", "--api-key", API_KEY,
+        fake_py = "fake_openai.py" if target == "openai" else "fake_agent.py"
+        fake = Proc("fake-agent", [PY, str(ROOT / "tests" / fake_py), "--port", "0", "--api-key", API_KEY,
                                    "--reply-every", str(every), "--reply-seconds", str(AGENT_REPLY_SECONDS),
                                    "--speed", "2", "--dump", str(d / "fake.pickle")], log=d / "fake.log")
         procs.append(fake)
         fake_port = int(fake.expect("READY", 30).split()[1])
         agent_url = f"ws://127.0.0.1:{fake_port}/v1/agent/converse"
+        provider = {"DEEPGRAM_AGENT_URL": agent_url, "AGENT_PROVIDER": "deepgram"}
+        if target == "openai":
+            provider = {"OPENAI_REALTIME_URL": f"ws://127.0.0.1:{fake_port}/v1/realtime?model=gpt-realtime",
+                        "OPENAI_API_KEY": API_KEY, "AGENT_PROVIDER": "openai"}
         port = free_port()
         if target == "floor":
             server = Proc("floor-agent", [PY, str(HERE / "floor_agent.py"), "--port", str(port), "--agent-url",
                                           agent_url, "--api-key", API_KEY], log=d / "floor.log")
         else:
             env = b.server_env(port, free_port(), {  # the recogniser is never used: its URL can be dead
-                "DEEPGRAM_AGENT_URL": agent_url, "AGENT_PROVIDER": "deepgram",
-                "AGENT_PROMPT": "bench call {call}", "AGENT_GREETING": "Hello from the benchmark."})
+                **provider, "AGENT_PROMPT": "bench call {call}", "AGENT_GREETING": "Hello from the benchmark."})
             server = Proc("proxy", [PY, str(ROOT / "server.py")], env=env, cwd=str(d), log=d / "server.log")
         procs.append(server)
         wait_http(port)
@@ -914,13 +937,14 @@ def agent_figures(loadgen: dict, sessions: dict, w0: float, w1: float, cpu: floa
     from fake_agent import reply_audio
 
     calls = loadgen["calls"]
-    forward, barge, violations = [], [], 0
+    forward, barge, violations, trunc_err, rejected, truncations = [], [], 0, [], 0, 0
     lost = checked = cut_chunks = no_clear = 0
     for i, call in calls.items():
         session = sessions.get(i)
         if session is None:
             continue
         violations += len(session["violations"]) + len(call["bad"])
+        names = session.get("segments") or [f"r{k}" for k in range(1, len(session["replies"]) + 1)]
         # Provider audio in -> Twilio media out: each chunk's first byte, found in what the caller got.
         where: dict[str, list[tuple[int, float]]] = {}
         for at, segment, offset, nbytes in call["media"]:
@@ -928,7 +952,7 @@ def agent_figures(loadgen: dict, sessions: dict, w0: float, w1: float, cpu: floa
         for sent_at, reply, offset, _ in session["audio_chunks"]:
             if not w0 <= sent_at <= w1:
                 continue
-            arrival = next((at for end, at in where.get(f"r{reply}", []) if end > offset), None)
+            arrival = next((at for end, at in where.get(names[reply - 1], []) if end > offset), None)
             if arrival is None:
                 cut_chunks += 1  # never sent on: dropped by a barge-in
             else:
@@ -943,7 +967,7 @@ def agent_figures(loadgen: dict, sessions: dict, w0: float, w1: float, cpu: floa
                 no_clear += 1  # nothing was playing
         # Bytes lost or reordered: each reply as received must be its audio (a prefix of it when cut).
         for k, (text, length) in enumerate(session["replies"], start=1):
-            got = call["segments"].get(f"r{k}", b"")
+            got = call["segments"].get(names[k - 1], b"")
             audio = reply_audio(text)
             if len(audio) != length:
                 audio = reply_audio(text, length / 8000)
@@ -951,14 +975,110 @@ def agent_figures(loadgen: dict, sessions: dict, w0: float, w1: float, cpu: floa
             checked += len(got)
             if got != want[:len(got)]:
                 lost += sum(1 for x, y in zip(got, want) if x != y) + max(0, len(got) - len(want))
-    forward_a, barge_a = np.array(forward), np.array(barge)
+        # OpenAI: each truncate against what the caller had heard of that item when a clear reached it
+        # (the clear nearest to the truncate's value; the caller's player is continuous).
+        rejected += len(session.get("rejected", []))
+        for item, end_ms in session.get("truncations", []):
+            truncations += 1
+            start, length = call["stream_at"].get(item), len(call["segments"].get(item, b""))
+            if start is None or not call["cuts"]:
+                continue
+            heard = [min(max(0.0, played - start), length) / 8 for _, played in call["cuts"]]
+            trunc_err.append(min((end_ms - h for h in heard), key=abs))
+    forward_a, barge_a, err_a = np.array(forward), np.array(barge), np.array(trunc_err)
     lag = np.frombuffer(loadgen["lag"], dtype=np.float64)
     return {"calls": len(calls), "sessions": len(sessions), "cpu_s": cpu, "cores": cpu / (w1 - w0),
             "cpu_per_call_minute": cpu / (n * (w1 - w0) / 60), "forward_p50_ms": pct(forward_a, 50),
             "forward_p99_ms": pct(forward_a, 99), "chunks": len(forward_a), "cut_chunks": cut_chunks,
             "barge_p50_ms": pct(barge_a, 50), "barge_p99_ms": pct(barge_a, 99), "barge_ins": len(barge_a),
             "no_clear": no_clear, "checked_seconds": checked / 8000, "lost": lost, "violations": violations,
-            "lag_p99_ms": float(np.percentile(lag, 99)) * 1000 if len(lag) else float("nan")}
+            "lag_p99_ms": float(np.percentile(lag, 99)) * 1000 if len(lag) else float("nan"),
+            "truncations": truncations, "rejected": rejected,
+            "trunc_err_p50_ms": float(np.percentile(err_a, 50)) if len(err_a) else float("nan"),
+            "trunc_err_p1_ms": float(np.percentile(err_a, 1)) if len(err_a) else float("nan"),
+            "trunc_err_p99_ms": float(np.percentile(err_a, 99)) if len(err_a) else float("nan"),
+            "trunc_err_max_ms": float(err_a.max()) if len(err_a) else float("nan"),
+            "trunc_err_min_ms": float(err_a.min()) if len(err_a) else float("nan"),
+            "trunc_within_frame": float(np.mean(np.abs(err_a) <= 20)) if len(err_a) else float("nan")}
+
+
+def scenario_greeting(b: Bench, rep: Report, calls: int, handshake: float, gap: float) -> None:
+    """The greeting's delay with and without the webhook's pre-connect (OpenAI, fake with a slow handshake).
+
+    Three kinds of call, in turn, one at a time: `direct` opens /agent without the webhook (the
+    provider session is opened at `start`); `webhook, gap 0` GETs /twiml (which opens the session)
+    and opens the stream the moment the TwiML is back; `webhook, gap G` waits G seconds first, as
+    Twilio does to parse the TwiML and open the stream (G is an assumption: Twilio does not publish
+    it). Measured: `start` sent -> first agent audio received.
+    """
+    import asyncio
+    import xml.etree.ElementTree as ET
+
+    sys.path.insert(0, str(ROOT))
+    from simulate import TwilioStream
+    from websockets.asyncio.client import connect
+
+    b.run_no += 1
+    d = b.tmp / f"run{b.run_no:02d}-greeting"
+    d.mkdir()
+    b.log(f"[bench] run {b.run_no}: greeting delay, {calls} calls, provider handshake {handshake:g} s")
+    procs: list[Proc] = []
+    try:
+        fake = Proc("fake-openai", [PY, str(ROOT / "tests" / "fake_openai.py"), "--port", "0", "--api-key", API_KEY,
+                                    "--handshake-delay", str(handshake)], log=d / "fake.log")
+        procs.append(fake)
+        fake_port = int(fake.expect("READY", 30).split()[1])
+        port = free_port()
+        env = b.server_env(port, free_port(), {
+            "OPENAI_REALTIME_URL": f"ws://127.0.0.1:{fake_port}/v1/realtime?model=gpt-realtime",
+            "OPENAI_API_KEY": API_KEY, "AGENT_PROVIDER": "openai", "AGENT_GREETING": "Hello from the benchmark."})
+        server = Proc("proxy", [PY, str(ROOT / "server.py")], env=env, cwd=str(d), log=d / "server.log")
+        procs.append(server)
+        wait_http(port)
+
+        async def one(k: int, webhook: bool, wait: float) -> float:
+            call_sid = f"CA{b.run_no:02d}{k:030x}"
+            params = {}
+            if webhook:
+                url = f"http://127.0.0.1:{port}/twiml?CallSid={call_sid}"
+                body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+                params = {p.get("name"): p.get("value") for p in ET.fromstring(body).iter("Parameter")}
+                await asyncio.sleep(wait)
+            stream = TwilioStream(call_sid=call_sid, tracks=["inbound"], custom_parameters=params)
+            async with connect(f"ws://127.0.0.1:{port}/agent", compression=None) as ws:
+                await ws.send(stream.connected())
+                started = time.monotonic()
+                await ws.send(stream.start())
+                async for message in ws:
+                    if '"event":"media"' in message.replace(" ", ""):
+                        delay = time.monotonic() - started
+                        break
+                await ws.send(stream.stop())
+            await asyncio.sleep(0.3)
+            return delay
+
+        kinds = {"direct": (False, 0.0), "webhook, gap 0": (True, 0.0), f"webhook, gap {gap:g} s": (True, gap)}
+
+        async def all_calls() -> dict[str, list[float]]:
+            out: dict[str, list[float]] = {kind: [] for kind in kinds}
+            for k in range(calls):
+                kind = list(kinds)[k % len(kinds)]
+                out[kind].append(await one(k, *kinds[kind]))
+            return out
+
+        delays = asyncio.run(all_calls())
+    finally:
+        for p in reversed(procs):
+            p.kill()
+    rows = [[kind, str(len(v)), f"{1000 * statistics.median(v):.0f}", f"{1000 * max(v):.0f}"]
+            for kind, v in delays.items()]
+    rep.add(f"### Greeting delay: OpenAI (fake) with a {handshake:g} s handshake, {calls} calls one at a time", "")
+    rep.table(["stream opened", "calls", "start -> first agent audio, median ms", "max ms"], rows)
+    saved = statistics.median(delays["direct"]) - statistics.median(delays[list(delays)[2]])
+    rep.target(f"pre-connect hides the provider handshake when Twilio takes {gap:g} s to open the stream",
+               f"{1000 * saved:.0f} ms saved of {1000 * min(gap, handshake):.0f} ms",
+               saved >= 0.8 * min(gap, handshake))
+    rep.data["greeting"] = delays
 
 
 def summary(r: RunResult) -> dict:
@@ -975,7 +1095,7 @@ def summary(r: RunResult) -> dict:
 
 # --- command line --------------------------------------------------------------------------------
 
-SCENARIOS = ("ratio", "fast", "latency", "fanout", "stalled", "saturation", "soak", "agent")
+SCENARIOS = ("ratio", "fast", "latency", "fanout", "stalled", "saturation", "soak", "agent", "greeting")
 
 
 def ints(text: str) -> list[int]:
@@ -1001,6 +1121,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--saturation-seconds", type=float, help="seconds per saturation step (default 20)")
     p.add_argument("--soak", default=None, help="CALLS,SECONDS,WAVES for the soak (default 100,120,3)")
     p.add_argument("--agent", default=None, help="N,SECONDS for the agent-call run (default 100,60)")
+    p.add_argument("--greeting-calls", type=int, help="calls in the greeting-delay run (default 20)")
+    p.add_argument("--greeting-handshake", type=float, default=0.5,
+                   help="seconds the fake OpenAI takes to answer an upgrade in the greeting run (0.5)")
+    p.add_argument("--greeting-gap", type=float, default=0.5,
+                   help="assumed seconds from Twilio fetching the TwiML to the stream's start (0.5)")
     p.add_argument("--frame-ms", type=int, default=0, help="set DEEPGRAM_FRAME_MS for the server (default: its own)")
     p.add_argument("--window-ms", type=int, default=1000, help="fake Deepgram's result window (default 1000)")
     p.add_argument("--align-results", action="store_true",
@@ -1036,6 +1161,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.saturation_seconds = a.saturation_seconds or (8 if q else 20)
     a.soak = ints(a.soak) if a.soak else ([20, 20, 3] if q else [100, 120, 3])
     a.agent = ints(a.agent) if a.agent else ([20, 20] if q else [100, 60])
+    a.greeting_calls = a.greeting_calls or (9 if q else 30)
     return a
 
 
@@ -1064,6 +1190,8 @@ def main(argv=None) -> int:
             scenario_soak(bench, rep, *args.soak)
         if "agent" in args.only:
             scenario_agent(bench, rep, *args.agent)
+        if "greeting" in args.only:
+            scenario_greeting(bench, rep, args.greeting_calls, args.greeting_handshake, args.greeting_gap)
         if args.profile:
             scenario_profile(bench, rep, args.n, max(args.seconds, 20), args.profile)
         failed = False

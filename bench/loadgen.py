@@ -328,8 +328,11 @@ class AgentCaller:
         self.play_end = 0.0
         self.pending: dict[str, asyncio.TimerHandle] = {}
         self.media: list[tuple[float, str, int, int]] = []  # (arrival, segment, offset in segment, bytes)
-        self.unassigned: list[tuple[float, bytes]] = []  # media waiting for the mark that names its segment
+        self.unassigned: list[tuple[float, bytes, int]] = []  # media waiting for the mark naming its segment
         self.segments: dict[str, bytearray] = {}
+        self.received = 0  # agent audio bytes received: the stream position of the next byte
+        self.stream_at: dict[str, int] = {}  # stream position of each segment's first byte
+        self.cuts: list[tuple[float, float]] = []  # (time of a clear, stream position played by then)
         self.clears = array.array("d")
         self.echoes = 0
         self.bad: list[str] = []
@@ -340,13 +343,15 @@ class AgentCaller:
         event = message.get("event")
         if event == "media":
             audio = base64.b64decode(message["media"]["payload"])
-            self.unassigned.append((now, audio))
+            self.unassigned.append((now, audio, self.received))
+            self.received += len(audio)
             self.play_end = max(now, self.play_end) + len(audio) / 8000
         elif event == "mark":
             name = message["mark"]["name"]
             segment = name.rsplit("/", 1)[0]
             buf = self.segments.setdefault(segment, bytearray())
-            for at, audio in self.unassigned:
+            for at, audio, position in self.unassigned:
+                self.stream_at.setdefault(segment, position)
                 self.media.append((at, segment, len(buf), len(audio)))
                 buf += audio
             self.unassigned.clear()
@@ -354,6 +359,7 @@ class AgentCaller:
             self.pending[name] = asyncio.get_running_loop().call_later(delay, self.echo, name)
         elif event == "clear":
             self.clears.append(now)
+            self.cuts.append((now, self.received - max(0.0, self.play_end - now) * 8000))  # what had played
             self.unassigned.clear()
             self.play_end = now
             for name, handle in list(self.pending.items()):
@@ -447,7 +453,8 @@ async def run_agent(cfg: dict) -> None:
     await asyncio.gather(*readers)
     result = {"t0": t0, "lag": lag, "cpu": time.process_time(),
               "calls": {c.index: {"media": c.media, "segments": {s: bytes(b) for s, b in c.segments.items()},
-                                  "clears": c.clears, "echoes": c.echoes, "bad": c.bad} for c in callers}}
+                                  "clears": c.clears, "echoes": c.echoes, "bad": c.bad, "cuts": c.cuts,
+                                  "stream_at": c.stream_at} for c in callers}}
     with open(cfg["out"], "wb") as f:
         pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
     print("DONE", flush=True)

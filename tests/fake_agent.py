@@ -175,12 +175,8 @@ class FakeSession:
         self._pending: dict[str, asyncio.Future] = {}
         self._lock = asyncio.Lock()  # one reply at a time
         self._replies_used = 0
-        self._loud_frames = 0
-        self._quiet_ms = 0
-        self._in_speech = False
-        self._speech_ms = 0
+        self._vad = EnergyVad(self.script.loud_rms, self.script.quiet_ms)
         self._tasks: set[asyncio.Task] = set()
-        self._partial = b""
 
     # --- sending -------------------------------------------------------------------------------
 
@@ -378,37 +374,59 @@ class FakeSession:
         self.audio += audio
         if not (self.script.on_speech or self.script.reply_to_speech):
             return
-        data, self._partial = self._partial + audio, b""
-        for start in range(0, len(data) - 159, 160):
-            self._frame(data[start:start + 160])
-        self._partial = data[len(data) - len(data) % 160:]
+        for change, speech_ms in self._vad.push(audio):
+            if change == "started" and self.script.on_speech:
+                self.spawn(self._quietly(self.user_started_speaking()))
+            elif change == "stopped" and self.script.reply_to_speech:
+                self.spawn(self._quietly(self.user_said(f"(speech {speech_ms / 1000:.1f} s)")))
+                self.speak_next()
 
-    def _frame(self, frame: bytes) -> None:
-        """Voice activity on 20 ms of caller audio: loud for 40 ms starts speech, quiet ends it."""
+
+class EnergyVad:
+    """Voice activity on 20 ms frames of caller mu-law: loud for 40 ms starts speech, `quiet_ms`
+    of quiet ends it. `push(audio)` returns the changes: ("started" | "stopped", speech ms so far)."""
+
+    def __init__(self, loud_rms: float = 800.0, quiet_ms: int = 400):
+        self.loud_rms, self.quiet_ms = loud_rms, quiet_ms
+        self.in_speech = False
+        self._loud_frames = self._quiet = self._speech_ms = 0
+        self._partial = b""
+
+    def push(self, audio: bytes) -> list[tuple[str, int]]:
+        data, self._partial = self._partial + audio, b""
+        changes = []
+        for start in range(0, len(data) - 159, 160):
+            change = self._frame(data[start:start + 160])
+            if change:
+                changes.append((change, self._speech_ms))
+        self._partial = data[len(data) - len(data) % 160:]
+        return changes
+
+    def _frame(self, frame: bytes) -> str | None:
         silent = frame.count(0xFF) == len(frame)  # the common case, without decoding
         rms = 0.0 if silent else float(np.sqrt(np.mean(codec.ulaw_to_pcm16(frame).astype(np.float64) ** 2)))
-        if rms >= self.script.loud_rms:
+        if rms >= self.loud_rms:
             self._loud_frames += 1
-            self._quiet_ms = 0
-            if self._in_speech:
+            self._quiet = 0
+            if self.in_speech:
                 self._speech_ms += 20
             elif self._loud_frames >= 2:
-                self._in_speech, self._speech_ms = True, 40
-                if self.script.on_speech:
-                    self.spawn(self._quietly(self.user_started_speaking()))
-            return
+                self.in_speech, self._speech_ms = True, 40
+                return "started"
+            return None
         self._loud_frames = 0
-        if self._in_speech:
-            self._quiet_ms += 20
-            if self._quiet_ms >= self.script.quiet_ms:
-                self._in_speech = False
-                if self.script.reply_to_speech:
-                    self.spawn(self._quietly(self.user_said(f"(speech {self._speech_ms / 1000:.1f} s)")))
-                    self.speak_next()
+        if self.in_speech:
+            self._quiet += 20
+            if self._quiet >= self.quiet_ms:
+                self.in_speech = False
+                return "stopped"
+        return None
 
 
 class FakeAgent:
     """The server: accepts sessions as Deepgram does; `sessions` in order of connection."""
+
+    session_class = FakeSession
 
     def __init__(self, api_key: str = "fake-agent-key", script: Script | None = None, faults: Faults | None = None,
                  host: str = "127.0.0.1", port: int = 0):
@@ -453,7 +471,7 @@ class FakeAgent:
         return response
 
     async def _handler(self, ws: ServerConnection) -> None:
-        session = FakeSession(ws, len(self.sessions), self)
+        session = self.session_class(ws, len(self.sessions), self)
         async with self._new:
             self.sessions.append(session)
             self._new.notify_all()

@@ -35,7 +35,20 @@ def test_values_are_read(tmp_path):
 
 
 @pytest.mark.parametrize("env, variable", [
-    ({"AGENT_PROVIDER": "openai"}, "AGENT_PROVIDER"),
+    ({"AGENT_PROVIDER": "azure"}, "AGENT_PROVIDER"),
+    ({"AGENT_PROVIDER": "openai"}, "OPENAI_API_KEY"),
+    ({"OPENAI_REALTIME_URL": "https://api.openai.com/v1/realtime"}, "OPENAI_REALTIME_URL"),
+    ({"AGENT_VOICE": "marin <b>"}, "AGENT_VOICE"),
+    ({"OPENAI_TURN_DETECTION": "none"}, "OPENAI_TURN_DETECTION"),
+    ({"OPENAI_TURN_DETECTION": '{"type": "semantic_vad", "eagerness": "low"'}, "OPENAI_TURN_DETECTION"),
+    ({"AGENT_ALLOWED_PROVIDERS": "openai,embedded"}, "AGENT_ALLOWED_PROVIDERS"),  # no OpenAI key
+    ({"AGENT_ALLOWED_PROVIDERS": "embedded,watson"}, "AGENT_ALLOWED_PROVIDERS"),
+    ({"TRANSFER_TARGETS": "+15550001111"}, "TRANSFER_TARGETS"),
+    ({"TRANSFER_TARGETS": '{"+1 555 0001111": "sales"}'}, "TRANSFER_TARGETS"),
+    ({"TRANSFER_TARGETS": '{"sip:a@b.com<Hangup/>": "sales"}'}, "TRANSFER_TARGETS"),
+    ({"TRANSFER_TARGETS": '{"+15550001111": ""}'}, "TRANSFER_TARGETS"),
+    ({"AGENT_PRECONNECT_SECONDS": "-1"}, "AGENT_PRECONNECT_SECONDS"),
+    ({"REQUIRE_WEBHOOK_TOKEN": "maybe"}, "REQUIRE_WEBHOOK_TOKEN"),
     ({"AGENT_PROVIDER": "deepgram"}, "DEEPGRAM_API_KEY"),
     ({"DEEPGRAM_AGENT_URL": "https://agent.deepgram.com/v1/agent/converse"}, "DEEPGRAM_AGENT_URL"),
     ({"AGENT_PROMPT": "a", "AGENT_PROMPT_FILE": "/etc/hostname"}, "AGENT_PROMPT_FILE"),
@@ -49,6 +62,37 @@ def test_bad_values_name_their_variable(env, variable):
     with pytest.raises(ConfigError) as caught:
         load_settings(env)
     assert caught.value.variable == variable
+
+
+@pytest.mark.parametrize("env, backend, allowed", [
+    ({}, "embedded", ("embedded",)),
+    ({"OPENAI_API_KEY": "sk-o"}, "openai", ("openai",)),
+    ({"DEEPGRAM_API_KEY": "dg", "OPENAI_API_KEY": "sk-o"}, "deepgram", ("deepgram", "openai")),
+    ({"DEEPGRAM_API_KEY": "dg", "OPENAI_API_KEY": "sk-o", "AGENT_PROVIDER": "openai"}, "openai",
+     ("deepgram", "openai")),
+    ({"DEEPGRAM_API_KEY": "dg", "AGENT_ALLOWED_PROVIDERS": "deepgram,embedded"}, "deepgram",
+     ("deepgram", "embedded")),
+    ({"DEEPGRAM_API_KEY": "dg", "OPENAI_API_KEY": "sk-o", "AGENT_ALLOWED_PROVIDERS": "openai"}, "deepgram",
+     ("openai",)),
+])
+def test_auto_picks_deepgram_then_openai_then_embedded_and_calls_may_pick_among_those_with_keys(env, backend,
+                                                                                               allowed):
+    s = load_settings(env)
+    assert (s.agent_backend, s.agent_allowed_providers) == (backend, allowed)
+
+
+def test_openai_settings_are_read():
+    s = load_settings({"OPENAI_API_KEY": "sk-o", "OPENAI_REALTIME_URL": "ws://127.0.0.1:9/v1/realtime?model=x",
+                       "AGENT_VOICE": "cedar", "OPENAI_TURN_DETECTION": '{"type": "semantic_vad", "eagerness": "low"}',
+                       "TRANSFER_TARGETS": '{"+15550001111": "sales", "sip:help@pbx.example.com;transport=tls": "help"}',
+                       "AGENT_PRECONNECT_SECONDS": "0", "REQUIRE_WEBHOOK_TOKEN": "true"})
+    assert (s.openai_realtime_url, s.agent_voice, dict(s.openai_turn_detection)) == (
+        "ws://127.0.0.1:9/v1/realtime?model=x", "cedar", {"type": "semantic_vad", "eagerness": "low"})
+    assert list(s.transfer_targets) == ["+15550001111", "sip:help@pbx.example.com;transport=tls"]
+    assert (s.agent_preconnect_seconds, s.require_webhook_token) == (0.0, True)
+    assert "sk-o" not in repr(s)
+    assert dict(load_settings({"OPENAI_TURN_DETECTION": "semantic_vad"}).openai_turn_detection) == {
+        "type": "semantic_vad"}
 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
