@@ -142,14 +142,17 @@ class Proxy:
             self._auth_failed(connection, path, reason, f"signed URL expected: {url}; it must be the <Stream url>")
             return connection.respond(http.HTTPStatus.FORBIDDEN, "missing or invalid X-Twilio-Signature\n")
         if path == "/client" and s.client_tokens:
-            token = security.presented_token(request.headers, request.path)
-            if token is None:
+            tokens = security.presented_tokens(request.headers, request.path)
+            if not tokens:
                 reason = "missing_token"
-            elif not security.token_valid(token, s.client_tokens):
+            elif len(tokens) > 1:
+                reason = "several_tokens"
+            elif not security.token_valid(tokens[0], s.client_tokens):
                 reason = "bad_token"
             else:
                 return None
-            self._auth_failed(connection, path, reason, "expected Authorization: Bearer <token> or ?token=")
+            self._auth_failed(connection, path, reason,
+                              "expected one token: Authorization: Bearer <token>, a bearer.<token> subprotocol, or ?token=")
             response = connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or invalid subscriber token\n")
             response.headers["WWW-Authenticate"] = 'Bearer realm="transcripts"'
             return response
@@ -514,6 +517,7 @@ async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future |
         server = await stack.enter_async_context(serve(
             proxy.handler, settings.host, settings.port,
             process_request=proxy.process_request,
+            select_subprotocol=lambda _, offered: security.select_subprotocol(offered),  # the dashboard's
             ssl=_server_tls(settings),
             max_size=settings.max_message_bytes,
             compression=None,  # audio and transcripts: deflate costs CPU per message per peer
