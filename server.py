@@ -47,6 +47,7 @@ from agent.deepgram import DeepgramAgent
 from agent.provider import ProviderFactory
 from calls import Calls
 from config import ConfigError, Settings, configure_logging, load_settings, redis_password
+from health import HealthFeed
 from hub import EVERY_CALL, BadSubscription, FanOut, Hub, Subscriber, parse_subscription
 from sendnow import send_now
 from twilio_events import BadEvent, Connected, Event, Media, Start, Stop, Unknown, parse_event
@@ -82,6 +83,7 @@ class Proxy:
         self.hub = make_hub(settings)
         self.calls = Calls(settings, self.hub, self._new_upstream)
         self.agent_calls = AgentCalls()
+        self.health = HealthFeed()
         self.ready = True
         self._bad_frame_throttles: defaultdict[str, Throttle] = defaultdict(lambda: Throttle(BAD_FRAME_LOG_INTERVAL))
         # Connections admitted per route, for MAX_CALLS / MAX_SUBSCRIBERS (see `_admit`).
@@ -318,11 +320,12 @@ class Proxy:
                 await ws.close(CLOSE_NO_SUBSCRIPTION, f"no subscription within {self.settings.handshake_timeout:g} s")
                 return
             try:
-                call_sid, json_mode, history = parse_subscription(request)
+                subscription = parse_subscription(request)
             except BadSubscription as exc:
                 metrics.subscriber_rejections_total.labels("bad_request").inc()
                 await ws.close(CLOSE_BAD_SUBSCRIPTION, str(exc))
                 return
+            call_sid, json_mode, history = subscription.call_sid, subscription.json_mode, subscription.history
             limit = self.settings.max_subscribers_per_call
             if call_sid != EVERY_CALL and self.hub.subscriber_count(call_sid) >= limit:
                 metrics.limit_refusals_total.labels("subscribers_per_call").inc()
@@ -330,6 +333,8 @@ class Proxy:
                 return
             sub = Subscriber(call_sid, json_mode=json_mode, max_queue=self.settings.subscriber_queue,
                              peer=_peer(ws), history=history)
+            if subscription.recent:  # calls ended lately, then (same step) the calls in progress
+                sub.preload([event for call in self.hub.ended_calls() for event in call])
             if not self.hub.subscribe(sub):
                 metrics.subscriber_rejections_total.labels("unknown_call").inc()
                 await ws.close(CLOSE_UNKNOWN_CALL, "unknown callSid: no such call in progress"
@@ -337,9 +342,12 @@ class Proxy:
                 return
             log.info("subscriber %s joined %s (%s mode%s)", sub.peer, call_sid, "json" if json_mode else "raw",
                      ", with history" if history else "")
+            if subscription.health:
+                self.health.add(sub)
             try:
                 await self._stream_to(ws, sub)
             finally:
+                self.health.discard(sub)
                 self.hub.unsubscribe(sub)
         except ConnectionClosed:
             pass
