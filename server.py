@@ -8,6 +8,7 @@ One `websockets` server, two websocket routes and three plain HTTP ones:
 - /agent    a Twilio <Connect><Stream>: a voice agent answers the caller (agent/bridge.py).
 - /client   subscribers (hub): the tutorial's raw protocol, or JSON mode for programs.
 - /healthz, /readyz, /metrics   liveness, readiness (false while shutting down), Prometheus.
+- / and /static/…   the dashboard (web.py, web/): a page that watches calls through /client.
 
 With no DEEPGRAM_API_KEY the recogniser is the embedded one: a Deepgram-compatible server
 (local_stt) started in-process on loopback, so the proxy has a single upstream code path.
@@ -42,6 +43,7 @@ from websockets.protocol import State
 import metrics
 import security
 import tuning
+import web
 from agent.bridge import AgentCall, AgentCalls
 from agent.deepgram import DeepgramAgent
 from agent.provider import ProviderFactory
@@ -84,6 +86,7 @@ class Proxy:
         self.calls = Calls(settings, self.hub, self._new_upstream)
         self.agent_calls = AgentCalls()
         self.health = HealthFeed()
+        self.site = web.Site()  # the dashboard's files
         self.ready = True
         self._bad_frame_throttles: defaultdict[str, Throttle] = defaultdict(lambda: Throttle(BAD_FRAME_LOG_INTERVAL))
         # Connections admitted per route, for MAX_CALLS / MAX_SUBSCRIBERS (see `_admit`).
@@ -118,6 +121,9 @@ class Proxy:
             body = metrics.render()
             headers = Headers({"Content-Type": "text/plain; version=0.0.4", "Content-Length": str(len(body))})
             return Response(http.HTTPStatus.OK, "OK", headers, body)
+        page = self.site.response(path)  # the dashboard: / and /static/… (web.py)
+        if page is not None:
+            return page
         if path not in ("/twilio", "/agent", "/client"):
             return connection.respond(http.HTTPStatus.NOT_FOUND, "unknown path; use /twilio, /agent or /client\n")
         if path in ("/twilio", "/agent") and not self.ready:
@@ -538,6 +544,8 @@ async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future |
         scheme = "wss" if settings.tls else "ws"
         log.info("listening on %s://%s:%d (/twilio, /agent, /client, /healthz, /readyz, /metrics)",
                  scheme, settings.host, port)
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host or "0.0.0.0"
+        log.info("dashboard: %s://%s:%d/", "https" if settings.tls else "http", host, port)
         if started is not None:
             started.set_result((port, proxy))
         await stop.wait()
