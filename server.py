@@ -2,7 +2,7 @@
 
     python server.py            # settings from the environment and .env (see README)
 
-One `websockets` server, two websocket routes and three plain HTTP ones:
+One `websockets` server, its websocket routes and plain HTTP ones:
 - /twilio   a Twilio <Stream>: events are parsed (twilio_events), each call's two legs mixed
             (audio) and streamed to the recogniser (upstream), all owned by a `Call` (calls).
 - /agent    a Twilio <Connect><Stream>: a voice agent answers the caller (agent/bridge.py).
