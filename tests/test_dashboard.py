@@ -25,7 +25,7 @@ from browser import Browser, Page
 from conftest import STT_KEY, proxy_settings, start_proxy, wait_for
 from engine import BYTES_PER_SECOND, Segment
 from fake_agent import FakeAgent, Reply, Script
-from local_stt import LocalSTT
+from local_stt import Faults, LocalSTT
 from simulate import TwilioStream, run_agent_call
 from test_agent import quiet, tone
 from test_integration import metric_values
@@ -162,8 +162,9 @@ async def servers():
     """Factory: `await servers(lines={...}, script=Script(...), **settings)`; all stopped afterwards."""
     running = []
 
-    async def make(lines: dict[int, list[str]] | None = None, script: Script | None = None, **settings) -> Server:
-        stt = LocalSTT(api_key=STT_KEY, engine_factory=Scripted(lines or {0: CALLER, 1: OTHER}))
+    async def make(lines: dict[int, list[str]] | None = None, script: Script | None = None,
+                   faults: Faults = Faults(), **settings) -> Server:
+        stt = LocalSTT(api_key=STT_KEY, engine_factory=Scripted(lines or {0: CALLER, 1: OTHER}), faults=faults)
         await stt.start()
         agent = await FakeAgent(STT_KEY, script).__aenter__()
         server = Server(stt, agent, **settings)
@@ -451,3 +452,41 @@ async def test_the_page_keeps_the_last_300_ended_calls_and_every_call_in_progres
         return [...document.querySelectorAll('#calls tbody tr')].map(r => r.cells[0].textContent)""")
     assert len(kept) == 302  # 300 ended + 2 in progress
     assert "CAbusy0319" in kept and "CAbusy0318" in kept and "CAbusy0017" not in kept and "CAbusy0018" in kept
+
+
+async def test_a_call_whose_recogniser_fails_shows_the_error_its_outcome_and_the_health_figure(page, servers):
+    server = await servers(faults=Faults(reject_status=401), connect_timeout=1.0)
+    await open_dashboard(page, server)
+    before = int(await page.wait("""const d = document.querySelector('[data-figure=recogniserErrors]');
+                                    return d.textContent !== '–' && d.textContent""", what="health"))
+    stream, twilio = await start_call(server)
+    await page.wait(f"return document.body.innerText.includes('{stream.call_sid}')", what="the call")
+    await page.click_row(stream.call_sid)
+    await play(twilio, stream, 0.5)
+    await hang_up(twilio, stream)
+    await page.wait("return document.getElementById('call-outcome').textContent.startsWith('failed')", what="failed")
+    errors = [line for line in await page.js(LINES) if line["who"] == "Error"]
+    assert errors and errors[0]["said"].startswith("recogniser: ") and "401" in errors[0]["said"]
+    assert row_of(await page.js(ROWS), stream.call_sid)["outcome"].startswith("failed: ")
+    shown = await page.wait(f"""const d = document.querySelector('[data-figure=recogniserErrors]');
+                               return d.textContent === '{before + 1}' && d""", what="the error in health")
+    assert "bad" in await page.js("return arguments[0].className", shown)  # shown in red
+    assert (await metric_values(server.port))["upstream_errors_total"] == before + 1
+
+
+async def test_events_no_provider_here_sends_yet_are_shown_usage_tokens_and_a_fatal_error(page, servers):
+    """OpenAI Realtime calls report tokens (`usage`); no provider here does, so these messages are
+    handed to the page's handler directly, as the websocket would."""
+    server = await servers()
+    await open_dashboard(page, server)
+    await page.js("""
+        dispatch({type: 'call_started', callSid: 'CAusage', customParameters: {}, mode: 'agent', provider: 'openai',
+                  startTime: new Date().toISOString()});
+        dispatch({type: 'usage', callSid: 'CAusage', tokens: {input: 120, output: 45}, at: 3.2});
+        dispatch({type: 'error', callSid: 'CAusage', source: 'provider', fatal: true, code: 'X', message: 'quota <b>exceeded</b>', at: 4});""")
+    await page.click_row("CAusage")
+    figures = await page.js(FIGURES)
+    assert figures["tokens"] == "120 input, 45 output"
+    error = next(line for line in await page.js(LINES) if line["who"] == "Error")
+    assert error["said"] == "provider, fatal: quota <b>exceeded</b>"
+    assert row_of(await page.js(ROWS), "CAusage")["mode"] == "agent · openai"
