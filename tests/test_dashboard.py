@@ -490,3 +490,23 @@ async def test_events_no_provider_here_sends_yet_are_shown_usage_tokens_and_a_fa
     error = next(line for line in await page.js(LINES) if line["who"] == "Error")
     assert error["said"] == "provider, fatal: quota <b>exceeded</b>"
     assert row_of(await page.js(ROWS), "CAusage")["mode"] == "agent · openai"
+
+
+async def test_after_a_dropped_connection_the_page_fills_in_what_it_missed_and_repeats_nothing(page, servers):
+    server = await servers(lines={0: CALLER + ["Thanks, bye."], 1: OTHER + ["You are welcome, goodbye."]})
+    await open_dashboard(page, server)
+    stream, twilio = await start_call(server)
+    await page.wait(f"return document.body.innerText.includes('{stream.call_sid}')", what="the call")
+    await page.click_row(stream.call_sid)
+    position = await play(twilio, stream, 2.2)  # the first line of each side
+    await page.wait("return document.querySelectorAll('#lines li.speech:not(.interim)').length === 2", what="2 lines")
+    await page.js("socket.close(4000, 'the test cuts the connection')")  # as a network failure would
+    await page.wait("return !document.getElementById('notice').hidden", what="the notice")
+    position = await play(twilio, stream, 2.0, position)  # the second lines, said while the page is away
+    await page.wait("return document.getElementById('connection').textContent === 'Live'", what="Live again")
+    await play(twilio, stream, 2.0, position)  # the third, live again
+    await hang_up(twilio, stream)
+    await page.wait("return document.getElementById('call-outcome').textContent === 'complete'", what="the end")
+    said = [(line["who"], line["said"]) for line in await page.js(LINES) if "speech" in line["kind"]]
+    assert said == [("Caller", CALLER[0]), ("Other party", OTHER[0]), ("Caller", CALLER[1]), ("Other party", OTHER[1]),
+                    ("Caller", "Thanks, bye."), ("Other party", "You are welcome, goodbye.")]

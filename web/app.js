@@ -46,6 +46,17 @@ function timeOfDay(date) {
   return [date.getHours(), date.getMinutes(), date.getSeconds()].map((n) => String(n).padStart(2, "0")).join(":");
 }
 
+// 32-bit FNV-1a of a message's text: enough to recognise, at a known position, a message shown
+// already, without keeping a second copy of every message.
+function fingerprint(text) {
+  let hash = 0x811c9dc5;
+  for (let i = 0; i < text.length; i++) {
+    hash ^= text.charCodeAt(i);
+    hash = Math.imul(hash, 0x01000193);
+  }
+  return hash >>> 0;
+}
+
 function seconds(value) {
   return value === undefined || value === null ? "–" : `${Number(value).toFixed(1)} s`;
 }
@@ -59,7 +70,7 @@ class Call {
     this.ended = null; // the call_ended event
     this.lines = element("ol", "transcript");
     this.interims = new Map(); // channel -> the line showing its interim text
-    this.seen = []; // every message applied, as JSON text: a replay of them is skipped
+    this.seen = []; // a fingerprint of every message applied: a replay of them is skipped
     this.cursor = null; // while a replay is being matched against `seen`: its position
     this.incomplete = false; // messages may be missing (seen only in summary, or the socket dropped)
     this.loading = false;
@@ -112,21 +123,20 @@ class Call {
   }
 
   repeated(message) {
-    const text = JSON.stringify(message);
+    const print = fingerprint(JSON.stringify(message));
     if (this.cursor !== null) {
-      if (this.cursor < this.seen.length && this.seen[this.cursor] === text) {
+      if (this.cursor < this.seen.length && this.seen[this.cursor] === print) {
         this.cursor += 1;
         return true;
       }
       this.cursor = null;
     }
-    this.seen.push(text);
+    this.seen.push(print);
     return false;
   }
 
   apply(message) {
-    const handler = HANDLERS[message.type];
-    if (handler) handler(this, message);
+    if (Object.hasOwn(HANDLERS, message.type)) HANDLERS[message.type](this, message);
   }
 
   addLine(kind, time, who, text, detail) {
@@ -185,7 +195,7 @@ class Call {
         ["audio", seconds(ended.audioSeconds ?? live.audioSeconds)],
         ["messages", ended.messages ?? live.messages],
         ["gaps", anomalies.gaps ?? "–"],
-        ["late or lost", anomalies.late ?? "–"],
+        ["late chunks", anomalies.late ?? "–"],
         ["reconnects", ended.reconnects ?? "–"],
       ];
     }
@@ -239,7 +249,7 @@ function at(message) {
 const HANDLERS = {
   transcript: (call, m) => call.transcript(m),
   conversation: (call, m) => {
-    const who = ROLES[m.role] || m.role;
+    const who = Object.hasOwn(ROLES, m.role) ? ROLES[m.role] : m.role;
     if (m.role === "agent") call.live.turns += 1;
     if (!m.interrupted) return call.addLine(`speech role-${m.role}`, at(m), who, m.text);
     const heard = `cut off after ${seconds(m.heardSeconds)}; the whole reply: “${m.fullText}”`;
