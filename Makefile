@@ -4,7 +4,8 @@
 # Both work on a fresh Debian/Ubuntu machine with python3. `make run` installs flite (the embedded
 # agent's voice) with apt-get when it is missing; `make test` installs what is missing: espeak-ng
 # and flite (speech fixtures), podman, runc, mmdebstrap and iptables (the container test builds
-# the Docker image and runs it, tests/test_container.py), redis-server (the scale-out tests).
+# the Docker image and runs it, tests/test_container.py), redis-server (the scale-out tests),
+# chromium and chromium-driver (the dashboard's tests drive a real headless browser).
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -32,8 +33,8 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt
 
 # Programs the tests run, and the Debian packages that bring them (netavark: podman's network
 # stack, named so that podman never falls back to the other one).
-SYSTEM_PROGRAMS := espeak-ng flite podman runc mmdebstrap iptables redis-server
-SYSTEM_PACKAGES := espeak-ng flite podman runc netavark mmdebstrap iptables redis-server
+SYSTEM_PROGRAMS := espeak-ng flite podman runc mmdebstrap iptables redis-server chromium chromedriver
+SYSTEM_PACKAGES := espeak-ng flite podman runc netavark mmdebstrap iptables redis-server chromium chromium-driver
 
 system-deps:
 	@missing=$$(for program in $(SYSTEM_PROGRAMS); do command -v $$program >/dev/null || echo $$program; done); \

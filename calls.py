@@ -105,6 +105,8 @@ class Call:
             "audioSeconds": round(self.mixer.position / 8000, 3),
             "messages": self.messages,
             "endOfCall": outcome,
+            "reconnects": stats.reconnects,  # recogniser connections re-opened, audio replayed
+            "anomalies": self.mixer.stats.anomalies(),  # gaps, reordered, duplicates, late, jumps
         }
         if stats.error:
             summary["error"] = stats.error

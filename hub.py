@@ -145,6 +145,7 @@ class FanOut(Protocol):
     """
 
     def call_sids(self) -> list[str]: ...
+    def ended_calls(self) -> list[tuple[str, str]]: ...
     def has_call(self, call_sid: str) -> bool: ...
     def open_call(self, info: CallInfo) -> None: ...
     def publish(self, call_sid: str, message: str) -> int: ...
@@ -220,6 +221,13 @@ class Hub:
     def call_sids(self) -> list[str]:
         """Calls in progress, oldest first."""
         return list(self._calls)
+
+    def ended_calls(self) -> list[tuple[str, str]]:
+        """(call_started, call_ended) of each call that ended within HISTORY_SECONDS, oldest end
+        first: what a `"recent": true` subscriber gets before the calls in progress."""
+        self._forget_old_history()
+        ended = (self._history.get(call_sid) for call_sid in self._ended)
+        return [(history.started, history.ended) for history in ended if history is not None and history.ended]
 
     def has_call(self, call_sid: str) -> bool:
         return call_sid in self._calls
@@ -367,6 +375,8 @@ class Subscription(NamedTuple):
     call_sid: str  # or "*"
     json_mode: bool
     history: bool = False
+    recent: bool = False  # "*" only: calls ended within HISTORY_SECONDS first (call_started, call_ended)
+    health: bool = False  # the server's health figures every few seconds (health.py)
 
 
 def parse_subscription(message: str | bytes) -> Subscription:
@@ -374,7 +384,8 @@ def parse_subscription(message: str | bytes) -> Subscription:
 
     Raw mode (the tutorial's protocol): the message is a callSid, whitespace trimmed.
     JSON mode: {"type":"subscribe","callSid":"CA…"} or {"type":"subscribe","callSid":"*"},
-    optionally with "history": true (the call's messages so far first).
+    optionally with "history": true (the call's messages so far first), "health": true (health
+    events), and with "*" "recent": true (the calls that ended lately, as call_started and call_ended).
     """
     if isinstance(message, bytes):
         try:
@@ -395,7 +406,10 @@ def parse_subscription(message: str | bytes) -> Subscription:
     call_sid = request.get("callSid")
     if request.get("type") != "subscribe" or not isinstance(call_sid, str) or not call_sid.strip():
         raise BadSubscription('expected {"type":"subscribe","callSid":"CA…" or "*"}')
-    history = request.get("history", False)
-    if not isinstance(history, bool):
-        raise BadSubscription('"history" must be true or false')
-    return Subscription(call_sid.strip(), True, history)
+    flags = {name: request.get(name, False) for name in ("history", "recent", "health")}
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise BadSubscription(f'"{name}" must be true or false')
+    if flags["recent"] and call_sid.strip() != EVERY_CALL:
+        raise BadSubscription('"recent" goes with "callSid":"*"')
+    return Subscription(call_sid.strip(), True, **flags)

@@ -8,8 +8,10 @@ Call audio and transcripts are private, so both websocket routes can be closed t
   base64(HMAC-SHA1(auth token, the public wss:// URL)) — protocols.md A.6. The URL is the one
   Twilio dialled (PUBLIC_URL + path), never one rebuilt from the Host header, which a TLS proxy
   or ngrok rewrites and a client chooses.
-- `presented_token` / `token_valid`: a subscriber's bearer token, from the `Authorization`
-  header or a `token` query parameter (for clients that cannot set headers).
+- `presented_tokens` / `token_valid`: the bearer tokens a subscriber presents, in the
+  `Authorization` header, in `Sec-WebSocket-Protocol` (browsers: their `WebSocket` can set no
+  header but that one, and the dashboard must not put a token in a URL), or in a `token` query
+  parameter (other clients that cannot set headers).
 - `exposure_problem`: the safe-by-default rule for the bind address.
 - `RedactSecrets`: a logging filter, because `websockets` logs every request header at DEBUG
   (our `Authorization: Token <Deepgram key>` included).
@@ -26,7 +28,7 @@ import hmac
 import ipaddress
 import logging
 import re
-from typing import Iterable
+from typing import Iterable, Sequence
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.datastructures import Headers
@@ -54,14 +56,39 @@ def single_header(headers: Headers, name: str) -> str | None:
     return values[0] if len(values) == 1 else None
 
 
-def presented_token(headers: Headers, path: str) -> str | None:
-    """A subscriber's token: `Authorization: Bearer <token>`, else a single `?token=<token>`."""
-    authorization = single_header(headers, "Authorization")
-    if authorization is not None:
+# A browser's `new WebSocket(url, ["twilio-transcribe", "bearer.<token>"])`: the server picks
+# SUBPROTOCOL (a browser drops a connection whose server picks none of those it offered), so the
+# token is never echoed back. Subscriber tokens are made of characters a subprotocol may hold.
+SUBPROTOCOL = "twilio-transcribe"
+TOKEN_SUBPROTOCOL_PREFIX = "bearer."
+
+
+def presented_tokens(headers: Headers, path: str) -> list[str]:
+    """Every subscriber token the request carries, wherever it is: `Authorization: Bearer <token>`,
+    a `bearer.<token>` subprotocol in `Sec-WebSocket-Protocol`, or `?token=<token>`.
+
+    All of them, so the caller can refuse a request presenting more than one rather than guess
+    which one counts (a proxy and the server could pick different ones). An `Authorization` of
+    another scheme (a proxy's Basic credentials) is not a subscriber token.
+    """
+    tokens = []
+    for authorization in headers.get_all("Authorization"):
         scheme, _, token = authorization.partition(" ")
-        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-    values = parse_qs(urlsplit(path).query).get("token", [])
-    return values[0] if len(values) == 1 else None
+        if scheme.lower() == "bearer":
+            tokens.append(token.strip())
+    for value in headers.get_all("Sec-WebSocket-Protocol"):
+        for offered in value.split(","):
+            offered = offered.strip()
+            if offered.startswith(TOKEN_SUBPROTOCOL_PREFIX):
+                tokens.append(offered[len(TOKEN_SUBPROTOCOL_PREFIX):])
+    tokens.extend(parse_qs(urlsplit(path).query, keep_blank_values=True).get("token", []))
+    return tokens
+
+
+def select_subprotocol(offered: Sequence[str]) -> str | None:
+    """SUBPROTOCOL when the client offers it (the dashboard does), else none: clients that offer
+    nothing (websocat, programs, Twilio) go on without one, as before."""
+    return SUBPROTOCOL if SUBPROTOCOL in offered else None
 
 
 def token_valid(presented: str, tokens: Iterable[str]) -> bool:
@@ -105,12 +132,15 @@ class RedactSecrets(logging.Filter):
 
     Two nets: the known secret values (keys and tokens from the settings), and the places
     credentials travel whatever their value (`Authorization` and `X-Twilio-Signature` header
-    lines, `token=` in a URL), which also covers signatures and guesses presented by clients.
+    lines, a `bearer.` subprotocol, `token=` in a URL), which also covers signatures and guesses
+    presented by clients.
     Everything else stays, so DEBUG logs remain useful for debugging handshakes.
     """
 
     _HEADER = re.compile(r"(?im)^([<>] )?(authorization|x-twilio-signature)(\s*:\s*)(\S+ )?(.*)$")
     _QUERY = re.compile(r"([?&;]token=)[^&;\s'\"]*", re.IGNORECASE)
+    # A token offered as a subprotocol: in the Sec-WebSocket-Protocol line, or in a list's repr.
+    _SUBPROTOCOL = re.compile(r"(?<![\w.-])(" + re.escape(TOKEN_SUBPROTOCOL_PREFIX) + r")[^\s,'\"\]]+", re.IGNORECASE)
 
     def __init__(self, secrets: Iterable[str | None]):
         super().__init__()
@@ -121,6 +151,7 @@ class RedactSecrets(logging.Filter):
         for secret in self.secrets:
             text = text.replace(secret, REDACTED)
         text = self._HEADER.sub(self._header_line, text)
+        text = self._SUBPROTOCOL.sub(r"\1" + REDACTED, text)
         return self._QUERY.sub(r"\1" + REDACTED, text)
 
     @staticmethod

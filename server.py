@@ -2,13 +2,14 @@
 
     python server.py            # settings from the environment and .env (see README)
 
-One `websockets` server, two websocket routes and three plain HTTP ones:
+One `websockets` server, its websocket routes and plain HTTP ones:
 - /twilio   a Twilio <Stream>: events are parsed (twilio_events), each call's two legs mixed
             (audio) and streamed to the recogniser (upstream), all owned by a `Call` (calls).
 - /agent    a Twilio <Connect><Stream>: a voice agent answers the caller (agent/bridge.py).
 - /client   subscribers (hub): the tutorial's raw protocol, or JSON mode for programs.
 - /twiml, /twiml/action   Twilio's "A call comes in" webhook and <Connect action> (webhook.py).
 - /healthz, /readyz, /metrics   liveness, readiness (false while shutting down), Prometheus.
+- / and /static/…   the dashboard (web.py, web/): a page that watches calls through /client.
 
 With no DEEPGRAM_API_KEY the recogniser is the embedded one: a Deepgram-compatible server
 (local_stt) started in-process on loopback, so the proxy has a single upstream code path.
@@ -43,6 +44,7 @@ from websockets.protocol import State
 import metrics
 import security
 import tuning
+import web
 from agent.bridge import AgentCall, AgentCalls
 from agent.deepgram import DeepgramAgent
 from agent.openai_realtime import OpenAIRealtime
@@ -52,6 +54,7 @@ from agent.tools import ToolError, ToolRegistry
 from agent.transfer import Transfers, transfer_tool
 from calls import Calls
 from config import ConfigError, Settings, configure_logging, load_settings, redis_password
+from health import HealthFeed
 from hub import EVERY_CALL, BadSubscription, FanOut, Hub, Subscriber, parse_subscription
 from sendnow import send_now
 from twilio_events import BadEvent, Connected, Event, Media, Start, Stop, Unknown, parse_event
@@ -89,6 +92,8 @@ class Proxy:
         self.hub = make_hub(settings)
         self.calls = Calls(settings, self.hub, self._new_upstream)
         self.agent_calls = AgentCalls()
+        self.health = HealthFeed()
+        self.site = web.Site()  # the dashboard's files
         self.ready = True
         self._bad_frame_throttles: defaultdict[str, Throttle] = defaultdict(lambda: Throttle(BAD_FRAME_LOG_INTERVAL))
         # Connections admitted per route, for MAX_CALLS / MAX_SUBSCRIBERS (see `_admit`).
@@ -125,6 +130,9 @@ class Proxy:
             return Response(http.HTTPStatus.OK, "OK", headers, body)
         if path in ("/twiml", "/twiml/action") and self.webhook is not None:
             return self.webhook.respond(connection, request)
+        page = self.site.response(path)  # the dashboard: / and /static/… (web.py)
+        if page is not None:
+            return page
         if path not in ("/twilio", "/agent", "/client"):
             return connection.respond(http.HTTPStatus.NOT_FOUND, "unknown path; use /twilio, /agent or /client\n")
         if path in ("/twilio", "/agent") and not self.ready:
@@ -151,14 +159,17 @@ class Proxy:
             self._auth_failed(connection, path, reason, f"signed URL expected: {url}; it must be the <Stream url>")
             return connection.respond(http.HTTPStatus.FORBIDDEN, "missing or invalid X-Twilio-Signature\n")
         if path == "/client" and s.client_tokens:
-            token = security.presented_token(request.headers, request.path)
-            if token is None:
+            tokens = security.presented_tokens(request.headers, request.path)
+            if not tokens:
                 reason = "missing_token"
-            elif not security.token_valid(token, s.client_tokens):
+            elif len(tokens) > 1:
+                reason = "several_tokens"
+            elif not security.token_valid(tokens[0], s.client_tokens):
                 reason = "bad_token"
             else:
                 return None
-            self._auth_failed(connection, path, reason, "expected Authorization: Bearer <token> or ?token=")
+            self._auth_failed(connection, path, reason,
+                              "expected one token: Authorization: Bearer <token>, a bearer.<token> subprotocol, or ?token=")
             response = connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or invalid subscriber token\n")
             response.headers["WWW-Authenticate"] = 'Bearer realm="transcripts"'
             return response
@@ -333,11 +344,12 @@ class Proxy:
                 await ws.close(CLOSE_NO_SUBSCRIPTION, f"no subscription within {self.settings.handshake_timeout:g} s")
                 return
             try:
-                call_sid, json_mode, history = parse_subscription(request)
+                subscription = parse_subscription(request)
             except BadSubscription as exc:
                 metrics.subscriber_rejections_total.labels("bad_request").inc()
                 await ws.close(CLOSE_BAD_SUBSCRIPTION, str(exc))
                 return
+            call_sid, json_mode, history = subscription.call_sid, subscription.json_mode, subscription.history
             limit = self.settings.max_subscribers_per_call
             if call_sid != EVERY_CALL and self.hub.subscriber_count(call_sid) >= limit:
                 metrics.limit_refusals_total.labels("subscribers_per_call").inc()
@@ -345,6 +357,8 @@ class Proxy:
                 return
             sub = Subscriber(call_sid, json_mode=json_mode, max_queue=self.settings.subscriber_queue,
                              peer=_peer(ws), history=history)
+            if subscription.recent:  # calls ended lately, then (same step) the calls in progress
+                sub.preload([event for call in self.hub.ended_calls() for event in call])
             if not self.hub.subscribe(sub):
                 metrics.subscriber_rejections_total.labels("unknown_call").inc()
                 await ws.close(CLOSE_UNKNOWN_CALL, "unknown callSid: no such call in progress"
@@ -352,9 +366,12 @@ class Proxy:
                 return
             log.info("subscriber %s joined %s (%s mode%s)", sub.peer, call_sid, "json" if json_mode else "raw",
                      ", with history" if history else "")
+            if subscription.health:
+                self.health.add(sub)
             try:
                 await self._stream_to(ws, sub)
             finally:
+                self.health.discard(sub)
                 self.hub.unsubscribe(sub)
         except ConnectionClosed:
             pass
@@ -566,6 +583,7 @@ async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future |
         server = await stack.enter_async_context(serve(
             proxy.handler, settings.host, settings.port,
             process_request=proxy.process_request,
+            select_subprotocol=lambda _, offered: security.select_subprotocol(offered),  # the dashboard's
             ssl=_server_tls(settings),
             max_size=settings.max_message_bytes,
             compression=None,  # audio and transcripts: deflate costs CPU per message per peer
@@ -578,6 +596,8 @@ async def run(settings: Settings, stop: asyncio.Event, started: asyncio.Future |
         scheme = "wss" if settings.tls else "ws"
         log.info("listening on %s://%s:%d (/twilio, /agent, /client, /twiml, /healthz, /readyz, /metrics)",
                  scheme, settings.host, port)
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host or "0.0.0.0"
+        log.info("dashboard: %s://%s:%d/", "https" if settings.tls else "http", host, port)
         if started is not None:
             started.set_result((port, proxy))
         await stop.wait()

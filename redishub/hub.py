@@ -155,6 +155,19 @@ class RedisHub(Hub):
             started.setdefault(sid, call.start_time)
         return sorted(started, key=lambda sid: started[sid])
 
+    def ended_calls(self) -> list[tuple[str, str]]:
+        """Calls that ended within HISTORY_SECONDS on every instance, oldest end first: this
+        instance's from memory at once, the others' as the lifecycle stream told them."""
+        now = time.monotonic()
+        self._forget_old_history()
+        ended = self.registry.ended_calls(now)
+        for call_sid, until in self._ended.items():
+            history = self._history.get(call_sid)
+            if history is not None and history.ended:
+                ended[call_sid] = (until, history.started, history.ended)
+        kept = sorted((found for sid, found in ended.items() if not self.has_call(sid)), key=lambda found: found[0])
+        return [(started, call_ended) for _, started, call_ended in kept]
+
     def has_call(self, call_sid: str) -> bool:
         return call_sid in self._calls or call_sid in self.registry.calls
 

@@ -62,6 +62,11 @@ class Registry:
         found = self.ended.get(call_sid)
         return (found[1], found[2]) if found else None
 
+    def ended_calls(self, now: float) -> dict[str, tuple[float, str, str]]:
+        """Every call that ended within the history window: {callSid: (until, call_started, call_ended)}."""
+        self._forget_old(now)
+        return dict(self.ended)
+
     # --- the lifecycle stream --------------------------------------------------------------
 
     def lifecycle(self, fields: dict[str, str], now: float) -> list[Change]:

@@ -167,7 +167,13 @@ def test_image_has_the_application_and_flite_and_leaves_out_tests_venvs_and_git(
     listing = server.podman("exec", server.name, "ls", "-A", "/app").stdout.split()
     assert set(modules) <= set(listing), set(modules) - set(listing)
     assert {"LICENSE", "requirements.txt"} <= set(listing)
-    assert not {"tests", "bench", ".git", ".venv", ".env", ".ci", "__pycache__"} & set(listing), listing
+    assert not {"tests", "bench", ".git", ".venv", ".env", ".ci", "__pycache__", "docs"} & set(listing), listing
+    # The dashboard's files (web/), every one, and the server in the container serves them.
+    assets = sorted(path for path in tracked.stdout.split() if path.startswith("web/"))
+    in_image = server.podman("exec", server.name, "find", "web", "-type", "f").stdout.split()
+    assert assets and sorted(in_image) == assets
+    status, page = server.get("/")
+    assert status == 200 and page == (ROOT / "web" / "index.html").read_text()
     assert (ROOT / ".git").exists() and (ROOT / "tests").is_dir()  # so leaving them out was tested
     # The embedded agent's voice: flite speaks inside the image.
     server.podman("exec", server.name, "flite", "-t", "hello", "-o", "/tmp/hello.wav")
@@ -178,11 +184,12 @@ def test_image_has_the_application_and_flite_and_leaves_out_tests_venvs_and_git(
 def test_dockerignore_keeps_secrets_tests_and_venvs_out_and_lets_new_packages_and_assets_in(deployment, tmp_path):
     """The repository's .dockerignore, applied by the builder to a made-up working copy."""
     kept = ["server.py", "LICENSE", "requirements.txt", "agent/__init__.py", "agent/voice.py",
-            "dashboard/static/app.js", "dashboard/index.html"]
+            "dashboard/static/app.js", "dashboard/index.html", "web/app.js", "web/favicon.svg"]
     left_out = [".env", ".env.production", "tls/key.pem", "agent/cert.pem", "tests/test_server.py",
                 "bench/bench.py", ".venv/bin/python", "venv/pyvenv.cfg", ".git/HEAD", ".ci/run",
                 "agent/__pycache__/voice.cpython-311.pyc", "__pycache__/server.cpython-311.pyc", "call.wav",
-                "node_modules/left-pad/index.js", ".pytest_cache/README.md", "Makefile", "Dockerfile"]
+                "node_modules/left-pad/index.js", ".pytest_cache/README.md", "Makefile", "Dockerfile",
+                "docs/dashboard.png", "test-artifacts/dashboard.png"]
     context = tmp_path / "context"
     for name in kept + left_out:
         (context / name).parent.mkdir(parents=True, exist_ok=True)

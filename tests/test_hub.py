@@ -124,7 +124,7 @@ def test_publish_encodes_once_for_all_json_subscribers():
     ('{"type":"subscribe","callSid":"*","history":false}', ("*", True, False)),
 ])
 def test_parse_subscription(message, expected):
-    assert parse_subscription(message) == expected
+    assert parse_subscription(message) == (*expected, False, False)  # neither "recent" nor "health"
 
 
 @pytest.mark.parametrize("message", [

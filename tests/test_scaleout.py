@@ -147,6 +147,31 @@ def record_for(cluster: Cluster, seed: int):
     return next(r for r in cluster.stt.connections if r.audio[0][:1] == bytes([seed + 1]))
 
 
+async def test_recent_lists_the_calls_ended_on_every_instance_oldest_first_then_health(cluster):
+    """The dashboard's subscription ("recent", "health"; README "Dashboard") on both instances:
+    a call that ended on A and one that ended later on B, as call_started and call_ended."""
+    a, b = await cluster.server("a"), await cluster.server("b")
+    first = TwilioStream(tracks=["inbound"], custom_parameters={"on": "a"})
+    second = TwilioStream(tracks=["inbound"], custom_parameters={"on": "b"})
+    for server, stream in ((a, first), (b, second)):
+        async with connect(server.url("/twilio")) as twilio:
+            await twilio.send(stream.start())
+            await play(twilio, media(stream, 0, 10, tracks=("inbound",)))
+            await twilio.send(stream.stop())
+        for other in (a, b):
+            await other.wait_listed(stream.call_sid, listed=False)
+    subscription = json.dumps({"type": "subscribe", "callSid": "*", "recent": True, "health": True})
+    for server in (a, b):
+        listener = await Listener(server.url("/client"), subscription).start()
+        await wait_for(lambda: len(listener.messages) >= 5, what=f"recent calls and health on {server.name}")
+        events = [json.loads(m) for m in listener.messages]
+        assert [(e["type"], e["callSid"]) for e in events[:4]] == [
+            ("call_started", first.call_sid), ("call_ended", first.call_sid),
+            ("call_started", second.call_sid), ("call_ended", second.call_sid)], server.name
+        assert events[0]["customParameters"] == {"on": "a"} and events[3]["endOfCall"] == "complete"
+        assert events[4]["type"] == "health" and events[4]["subscribersActive"] >= 1
+
+
 async def test_late_joiners_with_history_get_the_whole_call_with_no_gap_or_repeat_on_either_instance(cluster):
     a, b = await cluster.server("a", HISTORY_SECONDS=4), await cluster.server("b", HISTORY_SECONDS=4)
     stream = TwilioStream(tracks=["inbound", "outbound"])

@@ -33,6 +33,7 @@ AUTH_TOKEN = "0b5e1c7a9d3f4e2a8c6b1d0e9f7a3c5b"  # the shape of a Twilio auth to
 PUBLIC_URL = "wss://proxy.example.com"  # what the TwiML says; the tests connect to 127.0.0.1
 CLIENT_TOKENS = ("sub-token-alice-4f9c2e7b1a", "sub-token-bob-8d3a6f0c5e")
 CALL_TOKEN = "call-token-2b7e9a4c1f6d"
+GUESS = "sub-token-guessed-7c1d9e2f"  # a wrong token someone tried: kept out of the logs too
 AUDIO = bytes(range(1, 255)) * 10  # 0.3 s
 
 
@@ -155,7 +156,92 @@ async def test_a_subscriber_without_a_valid_token_is_refused_with_401_before_the
     assert stack.proxy.hub.subscriber_count() == 0
     after = await metric_values(stack.port)
     assert sum(delta(before, after, f'auth_failures_total{{endpoint="client",reason="{r}"}}')
-               for r in ("missing_token", "bad_token")) == 1
+               for r in ("missing_token", "bad_token", "several_tokens")) == 1
+
+
+# A browser's WebSocket can set no header but Sec-WebSocket-Protocol, and the dashboard must not
+# put its token in a URL: it offers ["twilio-transcribe", "bearer.<token>"] (README "Dashboard").
+
+
+async def test_a_token_offered_as_a_subprotocol_lets_the_subscriber_in_and_is_never_echoed(stacks):
+    stack = await stacks(client_tokens=CLIENT_TOKENS)
+    async with connect(stack.url("/client"), subprotocols=[security.SUBPROTOCOL, f"bearer.{CLIENT_TOKENS[1]}"]) as ws:
+        assert json.loads(await ws.recv()) == []
+        assert ws.subprotocol == security.SUBPROTOCOL
+        assert ws.response.headers.get_all("Sec-WebSocket-Protocol") == [security.SUBPROTOCOL]
+        assert CLIENT_TOKENS[1] not in str(ws.response.headers)
+    # The same, with the token on a second header line (RFC 6455 allows either).
+    async with connect(stack.url("/client"), subprotocols=[security.SUBPROTOCOL],
+                       additional_headers=[("Sec-WebSocket-Protocol", f"bearer.{CLIENT_TOKENS[0]}")]) as ws:
+        assert json.loads(await ws.recv()) == [] and ws.subprotocol == security.SUBPROTOCOL
+
+
+async def test_subprotocols_change_nothing_for_clients_that_offer_none_or_others(stack):
+    """Without CLIENT_TOKENS: websocat and programs offer no subprotocol and get none; a client
+    offering only others (and no token) goes on without one, as before."""
+    async with connect(stack.url("/client")) as ws:
+        assert json.loads(await ws.recv()) == [] and ws.subprotocol is None
+    async with connect(stack.url("/client"), subprotocols=["chat"]) as ws:  # type: ignore[list-item]
+        assert json.loads(await ws.recv()) == [] and ws.subprotocol is None
+    async with connect(stack.url("/client"), subprotocols=[security.SUBPROTOCOL]) as ws:
+        assert json.loads(await ws.recv()) == [] and ws.subprotocol == security.SUBPROTOCOL
+
+
+VALID = CLIENT_TOKENS[0]
+ATTACKS_BY_SUBPROTOCOL = {
+    "wrong token": ("/client", [security.SUBPROTOCOL, "bearer.sub-token-mallory-000000"], {}, "bad_token"),
+    "a valid token's prefix": ("/client", [security.SUBPROTOCOL, f"bearer.{VALID[:-1]}"], {}, "bad_token"),
+    "a valid token with a suffix": ("/client", [security.SUBPROTOCOL, f"bearer.{VALID}x"], {}, "bad_token"),
+    "a valid token in other case": ("/client", [security.SUBPROTOCOL, f"bearer.{VALID.upper()}"], {}, "bad_token"),
+    "an empty token": ("/client", [security.SUBPROTOCOL, "bearer."], {}, "bad_token"),
+    "a valid token without the bearer. prefix": ("/client", [security.SUBPROTOCOL, VALID], {}, "missing_token"),
+    "a valid token under another prefix": ("/client", [security.SUBPROTOCOL, f"Bearer.{VALID}"], {}, "missing_token"),
+    "only our subprotocol": ("/client", [security.SUBPROTOCOL], {}, "missing_token"),
+    "two tokens, one valid": ("/client", [security.SUBPROTOCOL, "bearer.nope-nope-nope-nope", f"bearer.{VALID}"], {},
+                              "several_tokens"),
+    "the valid token twice": ("/client", [security.SUBPROTOCOL, f"bearer.{VALID}", f"bearer.{VALID}"], {},
+                              "several_tokens"),
+    "valid subprotocol, wrong header": ("/client", [security.SUBPROTOCOL, f"bearer.{VALID}"],
+                                        {"Authorization": "Bearer nope"}, "several_tokens"),
+    "valid subprotocol, wrong query": ("/client?token=nope", [security.SUBPROTOCOL, f"bearer.{VALID}"], {},
+                                       "several_tokens"),
+    "valid query, wrong subprotocol": (f"/client?token={VALID}", [security.SUBPROTOCOL, "bearer.nope"], {},
+                                       "several_tokens"),
+}
+
+
+@pytest.mark.parametrize("path, subprotocols, headers, reason", ATTACKS_BY_SUBPROTOCOL.values(),
+                         ids=ATTACKS_BY_SUBPROTOCOL.keys())
+async def test_a_wrong_missing_or_doubled_subprotocol_token_is_refused_with_401_before_the_upgrade(
+        stacks, path, subprotocols, headers, reason, caplog):
+    stack = await stacks(client_tokens=CLIENT_TOKENS)
+    before = await metric_values(stack.port)
+    status, body, response_headers = await refusal(stack.url(path), headers, subprotocols=subprotocols)
+    assert status == 401 and "token" in body and response_headers["WWW-Authenticate"].startswith("Bearer")
+    assert "Sec-WebSocket-Protocol" not in response_headers  # nothing offered is echoed on a refusal
+    assert stack.proxy.hub.subscriber_count() == 0
+    after = await metric_values(stack.port)
+    assert delta(before, after, f'auth_failures_total{{endpoint="client",reason="{reason}"}}') == 1
+    refused = [r.getMessage() for r in caplog.records if "refused /client" in r.getMessage()]
+    assert refused and reason in refused[-1] and VALID not in refused[-1]
+
+
+def test_presented_tokens_finds_every_token_wherever_it_is():
+    """Pure: every place a subscriber token can travel, and what is not one."""
+    from websockets.datastructures import Headers
+
+    def found(path="/client", **headers):
+        return security.presented_tokens(Headers([(k.replace("_", "-"), v) for k, v in headers.items()]), path)
+
+    assert found() == []
+    assert found(Authorization="Bearer abc") == ["abc"]
+    assert found(Authorization="Basic eDp5") == []  # a proxy's credentials, not a subscriber token
+    assert found(Sec_WebSocket_Protocol="twilio-transcribe, bearer.abc") == ["abc"]
+    assert found(Sec_WebSocket_Protocol="bearer.abc,bearer.def") == ["abc", "def"]
+    assert found("/client?token=abc&token=") == ["abc", ""]
+    assert found("/client?token=q", Authorization="Bearer h", Sec_WebSocket_Protocol="bearer.s") == ["h", "s", "q"]
+    assert security.select_subprotocol(["chat", security.SUBPROTOCOL]) == security.SUBPROTOCOL
+    assert security.select_subprotocol(["chat"]) is None and security.select_subprotocol([]) is None
 
 
 def test_tokens_and_signatures_are_compared_in_constant_time(monkeypatch):
@@ -378,7 +464,10 @@ async def test_no_secret_reaches_the_log_of_a_call_at_debug_level(tmp_path):
                     if json.loads(await ws.recv()) == [stream.call_sid]:
                         break
             by_query = await Listener(f"{url}/client?token={CLIENT_TOKENS[1]}", stream.call_sid).start()
+            async with connect(url + "/client", subprotocols=[security.SUBPROTOCOL, f"bearer.{CLIENT_TOKENS[0]}"]) as ws:
+                assert json.loads(await ws.recv()) == [stream.call_sid]  # the dashboard's way in
             await refusal(url + "/client", {"Authorization": f"Bearer {CLIENT_TOKENS[0]}x"})
+            await refusal(url + "/client", subprotocols=[security.SUBPROTOCOL, f"bearer.{GUESS}"])
             await refusal(url + "/twilio", {"X-Twilio-Signature": signature[:-2]})
             for i in range(60):
                 await twilio.send(stream.media("inbound", 20 * i, b"\x42" * 160))
@@ -394,7 +483,8 @@ async def test_no_secret_reaches_the_log_of_a_call_at_debug_level(tmp_path):
     log = log_file.read_text()
     assert "Authorization: Token [redacted]" in log  # the header lines are still there to debug with
     assert "call ended callSid=" + stream.call_sid in log
-    for secret in (deepgram_key, AUTH_TOKEN, *CLIENT_TOKENS, CALL_TOKEN, signature, signature[:-2]):
+    assert "bearer.[redacted]" in log  # the subprotocol line is still there, without its token
+    for secret in (deepgram_key, AUTH_TOKEN, *CLIENT_TOKENS, CALL_TOKEN, signature, signature[:-2], GUESS):
         assert secret not in log, f"a secret leaked: {secret[:4]}…"
 
 
@@ -404,6 +494,9 @@ def test_redaction_covers_header_lines_query_tokens_known_values_and_tracebacks(
     assert redactor.redact("< x-twilio-signature: abc+/=") == "< x-twilio-signature: [redacted]"
     assert redactor.redact("< GET /client?a=1&token=abc HTTP/1.1") == "< GET /client?a=1&token=[redacted] HTTP/1.1"
     assert redactor.redact("the key is dg-key-123.") == "the key is [redacted]."
+    assert (redactor.redact("< Sec-WebSocket-Protocol: twilio-transcribe, bearer.a-guess_1~x")
+            == "< Sec-WebSocket-Protocol: twilio-transcribe, bearer.[redacted]")
+    assert redactor.redact("offered ['twilio-transcribe', 'bearer.abc']") == "offered ['twilio-transcribe', 'bearer.[redacted]']"
     try:
         raise ValueError("bad key dg-key-123")
     except ValueError:

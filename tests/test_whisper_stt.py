@@ -571,6 +571,7 @@ def test_model_loads_as_an_unprivileged_user_from_read_only_files(tmp_path):
         mount -t tmpfs -o mode=755 tmpfs /mnt
         mkdir /mnt/app /mnt/venv
         tar -C {ROOT} --exclude=./.venv --exclude=./.git -cf - . | tar -C /mnt/app -xf -
+        chmod 755 /mnt/app  # tar gave it the mode of the checkout, which may be 700 (mktemp -d)
         mount -o remount,ro /mnt
         mount --bind {venv} /mnt/venv && mount -o remount,bind,ro /mnt/venv
         {reopen}
