@@ -31,6 +31,8 @@ import asyncio
 import json
 import logging
 import time
+import zlib
+from array import array
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from typing import Callable, NamedTuple, Protocol
@@ -160,29 +162,69 @@ class FanOut(Protocol):
     async def aclose(self) -> None: ...
 
 
+HISTORY_BLOCK = 64  # history messages compressed together
+MAX_ENDED_HISTORIES = 1000  # ended calls whose history is kept (each for HISTORY_SECONDS at most)
+
+
 class History:
-    """One call's messages as JSON subscribers received them, for late joiners (bounded)."""
+    """One call's messages as JSON subscribers received them, for late joiners (bounded).
+
+    Kept compressed: the newest messages as they are, older ones zlib-compressed in blocks of
+    HISTORY_BLOCK. Transcript messages repeat their field names and metadata, so a block costs a
+    tenth of its text or less, and a long call's history costs tens of KB rather than a MB (README
+    "Performance"). The bound is exact: messages pushed out of the oldest block are skipped until
+    the whole block can go.
+    """
 
     def __init__(self, call_sid: str, started: str, max_messages: int):
         self.call_sid = call_sid
         self.started = started  # the call_started event
-        self.messages: deque[str] = deque(maxlen=max_messages)
+        self.max_messages = max_messages
         self.ended: str | None = None  # the call_ended event, once the call is over
         self.omitted = 0  # the oldest messages, pushed out by the bound
         # '{"type":"transcript","callSid":"CA…","data":' once per call, not per message
         self.transcript_prefix = transcript_prefix(call_sid)
+        self._blocks: deque[tuple[bytes, array]] = deque()  # (compressed UTF-8, each message's length)
+        self._skip = 0  # messages of the oldest block pushed out by the bound
+        self._recent: list[str] = []  # the newest messages, not yet in a block
+        self._count = 0  # messages kept
 
     def add(self, json_message: str) -> None:
-        if len(self.messages) == self.messages.maxlen:
+        self._recent.append(json_message)
+        self._count += 1
+        if len(self._recent) == HISTORY_BLOCK:
+            encoded = [m.encode() for m in self._recent]
+            self._blocks.append((zlib.compress(b"".join(encoded), 1), array("I", map(len, encoded))))
+            self._recent = []
+        while self._count > self.max_messages:
+            self._count -= 1
             self.omitted += 1
-        self.messages.append(json_message)
+            if not self._blocks:
+                del self._recent[0]
+                continue
+            self._skip += 1
+            if self._skip == len(self._blocks[0][1]):
+                self._blocks.popleft()
+                self._skip = 0
+
+    @property
+    def messages(self) -> list[str]:
+        """The messages kept, oldest first."""
+        messages: list[str] = []
+        for n, (compressed, lengths) in enumerate(self._blocks):
+            data, offset = zlib.decompress(compressed), 0
+            for i, length in enumerate(lengths):
+                if n or i >= self._skip:
+                    messages.append(data[offset:offset + length].decode())
+                offset += length
+        return messages + self._recent
 
     def replay(self) -> list[str]:
         """`call_started`, a note if the bound pushed messages out, the messages kept, `call_ended`."""
         head = [self.started]
         if self.omitted:
             head.append(json.dumps({"type": "history_truncated", "callSid": self.call_sid, "omitted": self.omitted}))
-        return head + list(self.messages) + ([self.ended] if self.ended else [])
+        return head + self.messages + ([self.ended] if self.ended else [])
 
 
 def transcript_prefix(call_sid: str) -> str:
@@ -283,6 +325,8 @@ class Hub:
         if history is not None:
             history.ended = call_ended
             self._ended[call_sid] = time.monotonic() + self.history_seconds
+            if len(self._ended) > MAX_ENDED_HISTORIES:  # a burst of short calls: the oldest go first
+                self._history.pop(self._ended.popitem(last=False)[0], None)
         for sub in self._subscribers.pop(call_sid, set()):
             sub.finish()
         self._forget_old_history()

@@ -45,7 +45,7 @@ from typing import Callable
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosedError, InvalidHandshake, InvalidStatus
 
 import metrics
 from sendnow import send_now

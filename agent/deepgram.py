@@ -25,8 +25,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-import time
-from collections import deque
 from typing import AsyncIterator
 
 import orjson
@@ -39,8 +37,8 @@ from agent.provider import (
     AgentAudio, AgentAudioDone, AgentEvent, AgentSetup, Latency, ProviderError, ProviderFailed, ProviderMessages,
     ProviderStats, ToolCallRequest, Transcript, UserStartedSpeaking, close_socket, merged, setup_failure,
 )
+from agent.outbox import Outbox
 from agent.tools import ToolResult
-from sendnow import send_now
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +53,6 @@ DEFAULT_AGENT = {
 }
 KEEPALIVE = '{"type":"KeepAlive"}'
 KEEPALIVE_SECONDS = 5.0  # Deepgram closes an idle session (CLIENT_MESSAGE_TIMEOUT) after ~10 s
-MAX_QUEUED_AUDIO = 10 * 8000  # caller audio held while connecting or while the socket lags: 10 s
 MAX_MESSAGE_BYTES = 2**22  # agent audio can come in large binary messages
 
 
@@ -91,18 +88,13 @@ class DeepgramAgent:
         self.url = url
         self._headers = {"Authorization": f"Token {api_key}"}
         self.connect_timeout = connect_timeout
-        self.keepalive_seconds = keepalive_seconds
         self.label = setup.call.call_sid
         self.stats = ProviderStats()
         self.request_id = ""
         self._ws: ClientConnection | None = None
         self._ready = False  # Settings applied: audio may flow
         self._closing = False
-        self._outbox: deque[str | bytes] = deque()
-        self._queued_audio = 0
-        self._wakeup = asyncio.Event()
-        self._writer: asyncio.Task | None = None
-        self._last_sent = time.monotonic()
+        self._outbox = Outbox(self.stats, keepalive=KEEPALIVE, keepalive_seconds=keepalive_seconds)
         self._early: list[AgentEvent] = []  # events that arrived before SettingsApplied
         self._messages = ProviderMessages(name, self.label, self.stats)
         # Reply numbering (see the module docstring).
@@ -127,8 +119,7 @@ class DeepgramAgent:
         finally:
             if not self._ready and self._ws is not None:
                 self._ws.transport.abort()
-        self._writer = asyncio.create_task(self._write(), name=f"deepgram-agent {self.label}")
-        self._wakeup.set()  # audio that arrived while connecting goes out now
+        self._outbox.start(self._ws, f"deepgram-agent {self.label}")  # audio that waited goes out now
 
     async def _handshake(self, ws: ClientConnection) -> None:
         welcome = self._messages.parse(await ws.recv())
@@ -153,64 +144,17 @@ class DeepgramAgent:
     # --- towards Deepgram --------------------------------------------------------------------
 
     def send_audio(self, audio: bytes) -> None:
-        if self._closing:
-            return
-        self.stats.audio_in_bytes += len(audio)
-        if self._ready and not self._outbox and send_now(self._ws, audio):
-            self._last_sent = time.monotonic()
-            return
-        self._queue(audio)
+        self._outbox.audio(audio, len(audio))
 
     def send_user_text(self, text: str) -> None:
-        self._queue(orjson.dumps({"type": "InjectUserMessage", "content": text}).decode())
+        self._outbox.send(orjson.dumps({"type": "InjectUserMessage", "content": text}).decode())
 
     def send_tool_result(self, request: ToolCallRequest, result: ToolResult) -> None:
-        self._queue(orjson.dumps({"type": "FunctionCallResponse", "id": request.id, "name": request.name,
+        self._outbox.send(orjson.dumps({"type": "FunctionCallResponse", "id": request.id, "name": request.name,
                                   "content": result.content}).decode())
 
     def interrupted(self, segment: str, heard_ms: int) -> None:
         """Deepgram keeps its own account of the conversation: nothing to tell it."""
-
-    def _queue(self, message: str | bytes) -> None:
-        if self._closing:
-            return
-        self._outbox.append(message)
-        if isinstance(message, bytes):
-            self._queued_audio += len(message)
-            while self._queued_audio > MAX_QUEUED_AUDIO:  # keep the newest audio
-                oldest = next(m for m in self._outbox if isinstance(m, bytes))
-                self._outbox.remove(oldest)
-                self._queued_audio -= len(oldest)
-                self.stats.audio_unsent_bytes += len(oldest)
-        self._wakeup.set()
-
-    async def _write(self) -> None:
-        """The outbox in order (with flow control), and KeepAlive while no audio goes out."""
-        ws = self._ws
-        try:
-            while True:
-                if self._outbox:
-                    message = self._outbox[0]
-                    await ws.send(message)
-                    self._outbox.popleft()
-                    if isinstance(message, bytes):
-                        self._queued_audio -= len(message)
-                        self._last_sent = time.monotonic()
-                    continue
-                idle = time.monotonic() - self._last_sent
-                if idle >= self.keepalive_seconds:
-                    await ws.send(KEEPALIVE)
-                    self.stats.keepalives += 1
-                    self._last_sent = time.monotonic()
-                    continue
-                self._wakeup.clear()
-                try:
-                    async with asyncio.timeout(self.keepalive_seconds - idle):
-                        await self._wakeup.wait()
-                except TimeoutError:
-                    pass
-        except ConnectionClosed:
-            pass  # the reader reports how the session ended
 
     # --- from Deepgram -----------------------------------------------------------------------
 
@@ -337,12 +281,5 @@ class DeepgramAgent:
 
     async def close(self) -> None:
         self._closing = True
-        if self._writer is not None:
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
-        for message in self._outbox:
-            if isinstance(message, bytes):
-                self.stats.audio_unsent_bytes += len(message)
-        self._outbox.clear()
-        self._queued_audio = 0
+        await self._outbox.close()
         await close_socket(self._ws)

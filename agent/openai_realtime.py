@@ -35,7 +35,6 @@ import base64
 import itertools
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Mapping
 
@@ -49,15 +48,14 @@ from agent.provider import (
     AgentAudio, AgentAudioDone, AgentEvent, AgentSetup, Latency, ProviderError, ProviderFailed, ProviderMessages,
     ProviderStats, ToolCallRequest, Transcript, Usage, UserStartedSpeaking, close_socket, merged, setup_failure,
 )
+from agent.outbox import Outbox
 from agent.tools import ToolResult
-from sendnow import send_now
 
 log = logging.getLogger(__name__)
 
 PCMU = {"type": "audio/pcmu"}  # 8 kHz G.711 mu-law, as Twilio sends and plays it
 DEFAULT_TRANSCRIPTION = {"model": "gpt-4o-mini-transcribe"}  # the caller's words, for subscribers
 BYTES_PER_MS = 8
-MAX_QUEUED_AUDIO = 10 * 8000  # caller audio held while connecting or while the socket lags: 10 s
 MAX_MESSAGE_BYTES = 2**22  # audio deltas can be large
 # Errors after which the session cannot serve the caller: the call falls back (fallback close).
 FATAL_CODES = frozenset({"session_expired", "invalid_api_key", "insufficient_quota", "beta_api_shape_disabled",
@@ -146,10 +144,7 @@ class OpenAIRealtime:
         self._ws: ClientConnection | None = None
         self._ready = False
         self._closing = False
-        self._outbox: deque[str] = deque()
-        self._queued_audio = 0  # caller audio bytes in the outbox
-        self._wakeup = asyncio.Event()
-        self._writer: asyncio.Task | None = None
+        self._outbox = Outbox(self.stats)
         self._early: list[AgentEvent] = []  # events that came before session.updated
         self._messages = ProviderMessages(name, self.label, self.stats)
         self._ids = itertools.count(1)
@@ -176,11 +171,10 @@ class OpenAIRealtime:
         finally:
             if not self._ready and self._ws is not None:
                 self._ws.transport.abort()
-        self._writer = asyncio.create_task(self._write(), name=f"openai-realtime {self.label}")
+        self._outbox.start(self._ws, f"openai-realtime {self.label}")  # audio that waited goes out now
         if self.setup.greeting:
             self._want_response = True
             self._respond({"instructions": greeting_instructions(self.setup.greeting)})
-        self._wakeup.set()  # audio that arrived while connecting goes out now
 
     async def _handshake(self, ws: ClientConnection) -> None:
         created = self._messages.parse(await ws.recv())
@@ -204,13 +198,8 @@ class OpenAIRealtime:
     # --- towards OpenAI ----------------------------------------------------------------------
 
     def send_audio(self, audio: bytes) -> None:
-        if self._closing:
-            return
-        self.stats.audio_in_bytes += len(audio)
-        text = '{"type":"input_audio_buffer.append","audio":"' + base64.b64encode(audio).decode("ascii") + '"}'
-        if self._ready and not self._outbox and send_now(self._ws, text):
-            return
-        self._queue(text, len(audio))
+        self._outbox.audio('{"type":"input_audio_buffer.append","audio":"' + base64.b64encode(audio).decode("ascii")
+                           + '"}', len(audio))
 
     def send_user_text(self, text: str) -> None:
         """A keypress (or any text from the caller's side): a user message, then an answer."""
@@ -257,37 +246,7 @@ class OpenAIRealtime:
         self._send(message)
 
     def _send(self, message: dict) -> None:
-        self._queue(orjson.dumps(message).decode(), 0)
-
-    def _queue(self, text: str, audio_bytes: int) -> None:
-        if self._closing:
-            return
-        self._outbox.append(text)
-        if audio_bytes:
-            self._queued_audio += audio_bytes
-            while self._queued_audio > MAX_QUEUED_AUDIO:  # keep the newest audio
-                oldest = next(m for m in self._outbox if m.startswith('{"type":"input_audio_buffer.append"'))
-                self._outbox.remove(oldest)
-                dropped = _audio_bytes(oldest)
-                self._queued_audio -= dropped
-                self.stats.audio_unsent_bytes += dropped
-        self._wakeup.set()
-
-    async def _write(self) -> None:
-        """The outbox in order, with the socket's flow control."""
-        ws = self._ws
-        try:
-            while True:
-                while self._outbox:
-                    message = self._outbox[0]
-                    await ws.send(message)
-                    self._outbox.popleft()
-                    if message.startswith('{"type":"input_audio_buffer.append"'):
-                        self._queued_audio -= _audio_bytes(message)
-                self._wakeup.clear()
-                await self._wakeup.wait()
-        except ConnectionClosed:
-            pass  # the reader reports how the session ended
+        self._outbox.send(orjson.dumps(message).decode())
 
     # --- from OpenAI -------------------------------------------------------------------------
 
@@ -439,19 +398,8 @@ class OpenAIRealtime:
 
     async def close(self) -> None:
         self._closing = True
-        if self._writer is not None:
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
-        self.stats.audio_unsent_bytes += self._queued_audio
-        self._outbox.clear()
-        self._queued_audio = 0
+        await self._outbox.close()
         await close_socket(self._ws)
-
-
-def _audio_bytes(append: str) -> int:
-    """Caller audio bytes in one queued input_audio_buffer.append (its base64 length, decoded)."""
-    b64 = len(append) - len('{"type":"input_audio_buffer.append","audio":""}')
-    return b64 * 3 // 4 - (2 if append.endswith('=="}') else 1 if append.endswith('="}') else 0)
 
 
 def _describe(data: dict) -> str:

@@ -23,7 +23,7 @@ call, a single byte stream of what was sent, where each mark sits in it, and whi
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 FRAME_BYTES = 160  # 20 ms of 8 kHz mu-law: what Twilio itself sends, and plays smoothly
 BYTES_PER_SECOND = 8000

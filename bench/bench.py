@@ -345,7 +345,7 @@ class Bench:
             res.metrics.append((time.monotonic(), "idle", scrape(port)))
         threading.Thread(target=sampler, daemon=True).start()
         lg_cpu = fk_cpu = sb_cpu = 0.0
-        lat_parts, lat_t_parts, sub_parts, sub_t_parts = [], [], [], []
+        lat_parts = []
         frames_total = cpu_total = sys_total = window_total = 0.0
         lags = []
         for wave in range(spec.waves):
@@ -830,7 +830,7 @@ def scenario_agent(b: Bench, rep: Report, n: int, seconds: float) -> None:
     adds whatever the server does.
     """
     runs = {target: agent_run(b, target, n, seconds) for target in ("floor", "proxy", "openai")}
-    floor, proxy, openai = runs["floor"], runs["proxy"], runs["openai"]
+    floor, openai = runs["floor"], runs["openai"]
     rep.add(f"### Agent calls: N = {n} for {seconds:g} s each (starts spread over {AGENT_EVERY:g} s), a "
             f"{AGENT_REPLY_SECONDS:g} s reply every {AGENT_EVERY:g} s at 2x real time, a barge-in on each", "")
     rows = []

@@ -361,7 +361,7 @@ class RedisHub(Hub):
         """History for a subscriber of a call carried (partly) elsewhere: `call_started`, this
         instance's messages from memory, the others' from the stream, then `call_ended` if over."""
         local = self._history.get(call_sid)
-        messages = [self._started(call_sid)] + (list(local.messages) if local else [])
+        messages = [self._started(call_sid)] + (local.messages if local else [])
         call_ended = local.ended if local else None
         prefix = transcript_prefix(call_sid)
         tracker = SegmentTracker()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from hub import EVERY_CALL, BadSubscription, CallInfo, Hub, Subscriber, parse_subscription
+import hub as hub_module
+from hub import EVERY_CALL, BadSubscription, CallInfo, History, Hub, Subscriber, parse_subscription
 
 INFO = CallInfo("CA1", "MZ1", "AC1", ("inbound", "outbound"), {"tenant": "acme"}, "2026-11-21T10:00:00.000+00:00")
 
@@ -246,3 +249,25 @@ def test_history_off_with_zero_messages():
     assert [json.loads(m)["type"] for m in drain(sub)] == ["call_started"]
     hub.close_call("CA1", {})
     assert not hub.subscribe(json_sub())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=30), max_size=400), st.integers(1, 300))
+def test_history_keeps_exactly_the_last_messages_whatever_the_blocks(texts, bound):
+    """Compressed in blocks, trimmed one message at a time: what is kept is exactly the last `bound`."""
+    history = History("CA1", '{"type":"call_started"}', bound)
+    messages = [json.dumps({"n": i, "text": t}) for i, t in enumerate(texts)]
+    for message in messages:
+        history.add(message)
+    assert history.messages == messages[-bound:]
+    assert history.omitted == max(0, len(messages) - bound)
+
+
+def test_a_burst_of_ended_calls_keeps_only_the_newest_histories(monkeypatch):
+    monkeypatch.setattr(hub_module, "MAX_ENDED_HISTORIES", 3)
+    hub = Hub()
+    for i in range(5):
+        hub.open_call(CallInfo(f"CA{i}", f"MZ{i}", "AC1", ("inbound",)))
+        hub.publish(f"CA{i}", '{"n":1}')
+        hub.close_call(f"CA{i}", {})
+    assert [json.loads(started)["callSid"] for started, _ in hub.ended_calls()] == ["CA2", "CA3", "CA4"]

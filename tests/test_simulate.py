@@ -14,7 +14,6 @@ import random
 import re
 import socket
 import ssl
-import subprocess
 import sys
 import time
 import wave
@@ -32,7 +31,7 @@ from websockets.exceptions import ConnectionClosed
 import codec
 import simulate
 from simulate import CallOptions, CallRefused, TwilioStream, plan_media, run_call, run_calls
-from speech import SENTENCES, require_program, speak
+from speech import SENTENCES, speak
 
 REPO = Path(__file__).resolve().parent.parent
 SID = {prefix: re.compile(rf"^{prefix}[0-9a-f]{{32}}$") for prefix in ("AC", "CA", "MZ")}
