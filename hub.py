@@ -162,7 +162,8 @@ class FanOut(Protocol):
     async def aclose(self) -> None: ...
 
 
-HISTORY_BLOCK = 64  # history messages compressed together
+HISTORY_BLOCK = 16  # history messages compressed together
+HISTORY_DICTIONARY = 4096  # bytes of a call's first messages that every block is compressed against
 MAX_ENDED_HISTORIES = 1000  # ended calls whose history is kept (each for HISTORY_SECONDS at most)
 
 
@@ -170,10 +171,11 @@ class History:
     """One call's messages as JSON subscribers received them, for late joiners (bounded).
 
     Kept compressed: the newest messages as they are, older ones zlib-compressed in blocks of
-    HISTORY_BLOCK. Transcript messages repeat their field names and metadata, so a block costs a
-    tenth of its text or less, and a long call's history costs tens of KB rather than a MB (README
-    "Performance"). The bound is exact: messages pushed out of the oldest block are skipped until
-    the whole block can go.
+    HISTORY_BLOCK, each block against a preset dictionary made of the call's first messages.
+    Transcript messages repeat their field names and metadata, so a message costs about a tenth
+    of its text, and small blocks keep the part held uncompressed small (README "Performance").
+    The bound is exact: messages pushed out of the oldest block are skipped until the whole block
+    can go.
     """
 
     def __init__(self, call_sid: str, started: str, max_messages: int):
@@ -188,13 +190,18 @@ class History:
         self._skip = 0  # messages of the oldest block pushed out by the bound
         self._recent: list[str] = []  # the newest messages, not yet in a block
         self._count = 0  # messages kept
+        self._dictionary: bytes | None = None  # set from the first block, then fixed for the call
 
     def add(self, json_message: str) -> None:
         self._recent.append(json_message)
         self._count += 1
         if len(self._recent) == HISTORY_BLOCK:
             encoded = [m.encode() for m in self._recent]
-            self._blocks.append((zlib.compress(b"".join(encoded), 1), array("I", map(len, encoded))))
+            if self._dictionary is None:
+                self._dictionary = b"".join(encoded[:2])[:HISTORY_DICTIONARY]
+            compressor = zlib.compressobj(6, zdict=self._dictionary)
+            compressed = compressor.compress(b"".join(encoded)) + compressor.flush()
+            self._blocks.append((compressed, array("I", map(len, encoded))))
             self._recent = []
         while self._count > self.max_messages:
             self._count -= 1
@@ -212,7 +219,8 @@ class History:
         """The messages kept, oldest first."""
         messages: list[str] = []
         for n, (compressed, lengths) in enumerate(self._blocks):
-            data, offset = zlib.decompress(compressed), 0
+            decompressor = zlib.decompressobj(zdict=self._dictionary or b"")
+            data, offset = decompressor.decompress(compressed) + decompressor.flush(), 0
             for i, length in enumerate(lengths):
                 if n or i >= self._skip:
                     messages.append(data[offset:offset + length].decode())

@@ -50,7 +50,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import codec  # noqa: E402
 from agent_client import AgentClient, settings_message  # noqa: E402
-from recognizer_bench import SENTENCES, wer  # noqa: E402
+from recognizer_bench import SENTENCES, normalise, word_errors  # noqa: E402
 from speech import speak  # noqa: E402
 
 KEY = "bench-key"
@@ -227,6 +227,13 @@ def _ms(values: list[float | None]) -> str:
         return "-"
     p95 = measured[min(len(measured) - 1, round(0.95 * (len(measured) - 1)))]
     return f"{statistics.median(measured) * 1000:.0f} / {p95 * 1000:.0f}"
+
+
+def wer(pairs: list[tuple[str, str]]) -> float:
+    """Word error rate over (sentence said, text the agent heard) pairs."""
+    references = [normalise(said) for said, _ in pairs]
+    errors = sum(word_errors(ref, normalise(heard)) for ref, (_, heard) in zip(references, pairs))
+    return errors / max(1, sum(map(len, references)))
 
 
 def print_table(runs: list[RunResult]) -> None:
