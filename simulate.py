@@ -807,6 +807,8 @@ def _parser() -> argparse.ArgumentParser:
                        "what the server sends at real time, echoing marks and honouring clear")
     agent.add_argument("--record", type=Path, metavar="WAV", help="write what the caller heard (silence where "
                        "nothing played) to this WAV file")
+    agent.add_argument("--speak-at", type=float, default=0.0, metavar="S", help="the caller starts speaking S "
+                       "seconds into the call, after silence (e.g. once the greeting has played; default 0)")
     agent.add_argument("--dtmf", type=_keypress, action="append", default=[], metavar="DIGITS@S",
                        help="press keys S seconds into the call, e.g. 5@3.2 or 1234#@8 (repeatable)")
     agent.add_argument("--tail", type=float, default=4.0, metavar="S", help="after the caller's audio, stay "
@@ -832,6 +834,7 @@ def _agent_main(args: argparse.Namespace, legs: dict[str, bytes]) -> int:
     call_sid = args.call_sid or new_sid("CA")
     print(call_sid, flush=True)
     audio = legs.get("inbound") or legs.get("outbound") or b""
+    audio = b"\xff" * round(args.speak_at * 8000) + audio  # mu-law silence while the caller listens
     try:
         result = asyncio.run(run_agent_call(
             args.url, audio, dtmf=args.dtmf, tail=args.tail, max_seconds=args.max_seconds, hangup=args.hangup,

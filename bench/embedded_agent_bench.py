@@ -18,8 +18,8 @@ Per turn it records:
   sentence's synthesis. The agent's own split is in its LatencyReport (stt, tts).
 - whether the user ConversationText contains the sentence's words (word error rate).
 
-Each run starts a fresh agent and makes one unmeasured call first, which starts the
-recogniser's worker processes (about a second, paid once per server process).
+Each run starts a fresh agent (which loads the recogniser's model in every worker process before
+it listens) and makes one unmeasured call first, so that the measured calls find every cache warm.
 
 Both modes run in the same invocation, alternating: `live` (WebRTC VAD, the project's
 recogniser, flite) and `deterministic` (energy VAD, checksum "recogniser", tones): the
@@ -208,7 +208,7 @@ class RunResult:
 async def run(mode: str, calls: int, turns: int) -> RunResult:
     agent = AgentProcess(mode)
     try:
-        # One unmeasured call first: the recogniser starts its worker processes on first use (~1 s).
+        # One unmeasured call first: the measured calls find the decoder and flite warm.
         await one_call(agent.url, SENTENCES[:1], start_delay=0)
         cpu_before, wall_before = tree_cpu_seconds(agent.process.pid), time.monotonic()
         results = await asyncio.gather(*[

@@ -576,3 +576,16 @@ async def test_the_simulator_command_line_records_what_the_caller_heard(agents, 
     assert codec.ulaw_to_pcm16(reply_audio("You said something.", 0.5)).tobytes() in pcm.tobytes()
     assert fake.sessions[0].messages[0] == {"type": "InjectUserMessage",
                                             "content": "The caller pressed 7 on the phone keypad."}
+
+
+async def test_the_simulator_command_line_lets_the_caller_speak_after_a_silence(agents, tmp_path):
+    stack, fake = await agents(script=Script(greet=False))
+    caller = tmp_path / "caller.ulaw"
+    caller.write_bytes(tone(0.2))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(__file__).resolve().parent.parent / "simulate.py"), "--agent", stack.url("/agent"),
+        str(caller), "--raw", "--speak-at", "0.5", "--tail", "0.2", stdout=asyncio.subprocess.PIPE)
+    await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0
+    # 0.5 s of silence, then the words (then the silence of the line while the caller listens)
+    assert bytes(fake.sessions[0].audio).startswith(b"\xff" * 4000 + tone(0.2))
