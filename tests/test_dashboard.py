@@ -25,6 +25,8 @@ from browser import Browser, Page
 from conftest import STT_KEY, proxy_settings, start_proxy, wait_for
 from engine import BYTES_PER_SECOND, Segment
 from fake_agent import FakeAgent, Reply, Script
+from fake_openai import Faults as OpenAIFaults
+from fake_openai import FakeRealtime
 from local_stt import Faults, LocalSTT
 from simulate import TwilioStream, run_agent_call
 from test_agent import quiet, tone
@@ -109,6 +111,7 @@ class ScriptedEngine:
 
 CALLER = ["Hi, I am calling about my order A17.", "It was supposed to arrive on Monday."]
 OTHER = ["Thank you for calling Acme, this is Sam.", "Let me check that for you right away."]
+OPENAI_KEY = "sk-test-openai-key-0123456789"
 GREETING = "Thank you for calling Acme support, how can I help you with your order today?"
 
 
@@ -139,9 +142,9 @@ class Server:
         self.proxy = self._stop = self._task = None
 
     async def start(self) -> "Server":
-        settings = proxy_settings(self.stt.url, port=self.port, deepgram_agent_url=self.agent.url,
-                                  agent_provider="deepgram", agent_tools=load_tools(str(ROOT / "examples/tools.py")),
-                                  **self.settings)
+        settings = proxy_settings(self.stt.url, **{
+            "port": self.port, "deepgram_agent_url": self.agent.url, "agent_provider": "deepgram",
+            "agent_tools": load_tools(str(ROOT / "examples/tools.py")), **self.settings})
         self.port, self.proxy, self._stop, self._task = await start_proxy(settings)
         return self
 
@@ -474,22 +477,32 @@ async def test_a_call_whose_recogniser_fails_shows_the_error_its_outcome_and_the
     assert (await metric_values(server.port))["upstream_errors_total"] == before + 1
 
 
-async def test_events_no_provider_here_sends_yet_are_shown_usage_tokens_and_a_fatal_error(page, servers):
-    """OpenAI Realtime calls report tokens (`usage`); no provider here does, so these messages are
-    handed to the page's handler directly, as the websocket would."""
-    server = await servers()
-    await open_dashboard(page, server)
-    await page.js("""
-        dispatch({type: 'call_started', callSid: 'CAusage', customParameters: {}, mode: 'agent', provider: 'openai',
-                  startTime: new Date().toISOString()});
-        dispatch({type: 'usage', callSid: 'CAusage', tokens: {input: 120, output: 45}, at: 3.2});
-        dispatch({type: 'error', callSid: 'CAusage', source: 'provider', fatal: true, code: 'X', message: 'quota <b>exceeded</b>', at: 4});""")
-    await page.click_row("CAusage")
-    figures = await page.js(FIGURES)
-    assert figures["tokens"] == "120 input, 45 output"
+async def test_an_openai_call_shows_its_tokens_and_the_fatal_error_that_ended_it(page, servers):
+    """The fake OpenAI Realtime server reports usage with every response.done, then fails with a
+    server_error: the page shows the tokens the server counted and the error, as text."""
+    async with FakeRealtime(OPENAI_KEY, faults=OpenAIFaults(error_after=2.0)) as fake:
+        server = await servers(openai_realtime_url=fake.url, openai_api_key=OPENAI_KEY, agent_provider="openai")
+        await open_dashboard(page, server)
+        watcher = await connect(server.url("/client"))
+        await watcher.recv()  # the greeting: calls in progress
+        await watcher.send(json.dumps({"type": "subscribe", "callSid": "*"}))
+        result = await run_agent_call(server.url("/agent"), quiet(4.0), tail=1.0, max_seconds=10)
+        events = []
+        while not events or events[-1]["type"] != "call_ended":
+            events.append(json.loads(await asyncio.wait_for(watcher.recv(), 10)))
+        await watcher.close()
+    tokens = [e["tokens"] for e in events if e["type"] == "usage"][-1]
+    assert tokens["input"] > 0 and tokens["output"] > 0  # the fake's response.done usage, summed by the server
+    await page.click_row(result.call_sid)
+    figures = await page.wait(f"""const f = {FIGURES.removeprefix("return ")};
+                                  return (f.tokens || '').includes('{tokens["output"]} output') && f""", what="tokens")
+    assert figures["tokens"] == ", ".join(f"{n} {kind}" for kind, n in tokens.items())
+    fatal = next(e for e in events if e["type"] == "error" and e["fatal"])
+    assert "server_error" in fatal["message"]
     error = next(line for line in await page.js(LINES) if line["who"] == "Error")
-    assert error["said"] == "provider, fatal: quota <b>exceeded</b>"
-    assert row_of(await page.js(ROWS), "CAusage")["mode"] == "agent · openai"
+    assert error["said"] == f"provider, fatal: {fatal['message']}"
+    row = row_of(await page.js(ROWS), result.call_sid)
+    assert row["mode"] == "agent · openai" and row["outcome"].startswith("failed")
 
 
 async def test_after_a_dropped_connection_the_page_fills_in_what_it_missed_and_repeats_nothing(page, servers):
