@@ -42,6 +42,7 @@ class Outbox:
         self._queued_audio = 0
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task | None = None
+        self._sending = False  # the writer is writing the queue's first message (it stays queued until written)
         self._last_audio = time.monotonic()
 
     def start(self, ws: ClientConnection, name: str) -> None:
@@ -67,11 +68,15 @@ class Outbox:
     def _put(self, message: str | bytes, nbytes: int) -> None:
         self._queue.append((message, nbytes))
         self._queued_audio += nbytes
+        first = 1 if self._sending else 0  # never the message being written
         while self._queued_audio > self.max_audio:  # keep the newest audio
-            oldest = next(entry for entry in self._queue if entry[1])
-            self._queue.remove(oldest)
-            self._queued_audio -= oldest[1]
-            self.stats.audio_unsent_bytes += oldest[1]
+            oldest = next((i for i in range(first, len(self._queue)) if self._queue[i][1]), None)
+            if oldest is None:
+                break
+            _, dropped = self._queue[oldest]
+            del self._queue[oldest]
+            self._queued_audio -= dropped
+            self.stats.audio_unsent_bytes += dropped
         self._wakeup.set()
 
     async def _write(self) -> None:
@@ -80,7 +85,11 @@ class Outbox:
             while True:
                 if self._queue:
                     message, nbytes = self._queue[0]
-                    await ws.send(message)
+                    self._sending = True
+                    try:
+                        await ws.send(message)
+                    finally:
+                        self._sending = False
                     self._queue.popleft()
                     if nbytes:
                         self._queued_audio -= nbytes
