@@ -152,6 +152,16 @@ def websocat_path() -> str:
     return path
 
 
+def websocat_subscriber(url: str, call_sid: str, *options: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """websocat on /client, as a person uses it: the callSid typed on its input; read it with
+    `communicate()` (closing its input hangs it up)."""
+    websocat = subprocess.Popen([websocat_path(), *options, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True, env=env)
+    websocat.stdin.write(call_sid + "\n")
+    websocat.stdin.flush()
+    return websocat
+
+
 def expected_channels(sent) -> tuple[bytes, bytes]:
     """What the proxy should send upstream for these chunks: each leg placed at 8*timestamp,
     0xFF wherever nothing arrived, both legs as long as the longer one."""

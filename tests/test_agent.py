@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from agent.deepgram import DeepgramAgent, settings_message
 from agent.playback import FRAME_BYTES
 from agent.provider import AgentSetup
 from agent.tools import CallContext, load_tools
-from conftest import LISTEN_QUERY, STT_KEY, Listener, wait_for, websocat_path
+from conftest import LISTEN_QUERY, STT_KEY, Listener, wait_for, websocat_subscriber
 from fake_agent import CLIENT_MODELS, Faults, FakeAgent, Reply, Script, check, reply_audio
 from local_stt import LocalSTT
 from simulate import run_agent_call
@@ -438,10 +437,7 @@ async def test_raw_subscribers_get_the_providers_conversation_text_verbatim(agen
     call = asyncio.create_task(run_agent_call(stack.url("/agent"), quiet(1.5), tail=0.5))
     await wait_for(lambda: stack.proxy.hub.call_sids(), what="the call")
     call_sid = stack.proxy.hub.call_sids()[0]
-    websocat = subprocess.Popen([websocat_path(), stack.url("/client")], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True)
-    websocat.stdin.write(call_sid + "\n")
-    websocat.stdin.flush()
+    websocat = websocat_subscriber(stack.url("/client"), call_sid)
     await stack.wait_for_subscribers(1)
     session = await fake.session()
     await session.user_said("where is my order")

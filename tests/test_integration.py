@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import subprocess
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import Listener, expected_channels, wait_for, websocat_path
+from conftest import Listener, expected_channels, wait_for, websocat_path, websocat_subscriber
 from local_stt import parse_deterministic
 from simulate import CallOptions, Chunk, TwilioStream, plan_media, run_call
 from speech import SENTENCES, speak
@@ -46,10 +45,7 @@ async def test_two_minute_call_with_loss_arrives_byte_exact_and_every_message_re
         await stack.wait_for_call(stream.call_sid)
 
         # Two raw subscribers, as a person would use: websocat, and a Python client.
-        websocat = subprocess.Popen([websocat_path(), stack.url("/client")], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, text=True)
-        websocat.stdin.write(stream.call_sid + "\n")
-        websocat.stdin.flush()
+        websocat = websocat_subscriber(stack.url("/client"), stream.call_sid)
         python = await Listener(stack.url("/client"), stream.call_sid).start()
         await stack.wait_for_subscribers(2)
 

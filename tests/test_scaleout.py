@@ -11,13 +11,12 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 
 import pytest
 from websockets.asyncio.client import connect
 
 from cluster import Cluster
-from conftest import Listener, expected_channels, wait_for, websocat_path
+from conftest import Listener, expected_channels, wait_for, websocat_subscriber
 from simulate import Chunk, TwilioStream
 from test_integration import until_closed
 
@@ -68,10 +67,7 @@ async def test_a_call_on_one_instance_reaches_raw_and_json_subscribers_on_anothe
         await twilio.send(stream.connected())
         await twilio.send(stream.start())
         await b.wait_listed(stream.call_sid)
-        websocat = subprocess.Popen([websocat_path(), b.url("/client")], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, text=True)
-        websocat.stdin.write(stream.call_sid + "\n")
-        websocat.stdin.flush()
+        websocat = websocat_subscriber(b.url("/client"), stream.call_sid)
         raw = await Listener(b.url("/client"), stream.call_sid).start()
         js = await Listener(b.url("/client"), json.dumps({"type": "subscribe", "callSid": stream.call_sid})).start()
         await wait_for_subscribers(b, 3)

