@@ -35,7 +35,8 @@ from websockets.http11 import Response
 from agent import counters
 from agent.provider import (
     AgentAudio, AgentAudioDone, AgentEvent, AgentSetup, Latency, ProviderError, ProviderFailed, ProviderMessages,
-    ProviderStats, ToolCallRequest, Transcript, UserStartedSpeaking, close_socket, merged, setup_failure,
+    ProviderStats, ToolCallRequest, Transcript, UserStartedSpeaking, close_socket, merged, read_session,
+    setup_failure,
 )
 from agent.outbox import Outbox
 from agent.tools import ToolResult
@@ -158,32 +159,15 @@ class DeepgramAgent:
 
     # --- from Deepgram -----------------------------------------------------------------------
 
-    async def events(self) -> AsyncIterator[AgentEvent]:
-        for event in self._early:
-            yield event
-        self._early.clear()
-        ws = self._ws
-        try:
-            async for message in ws:
-                if isinstance(message, bytes):
-                    event = self._on_audio(message)
-                    if event is not None:
-                        yield event
-                    continue
-                events = self._on_message(self._messages.parse(message), message)
-                for event in events:
-                    yield event
-                    if isinstance(event, ProviderError) and event.fatal:
-                        return
-        except ConnectionClosed as exc:
-            if not self._closing:
-                close = exc.rcvd
-                yield ProviderError("Deepgram connection lost: " + (f"{close.code} {close.reason}".strip()
-                                    if close else "no close frame"), "connection_lost")
-            return
-        if not self._closing:
-            yield ProviderError(f"Deepgram closed the session ({f'{ws.close_code} {ws.close_reason}'.strip()})",
-                                "closed")
+    def events(self) -> AsyncIterator[AgentEvent]:
+        return read_session(self._ws, self._early, self._events_of, "Deepgram", lambda: self._closing)
+
+    def _events_of(self, message: str | bytes) -> list[AgentEvent]:
+        """Binary messages are the agent's audio; text ones its JSON events."""
+        if isinstance(message, bytes):
+            audio = self._on_audio(message)
+            return [audio] if audio is not None else []
+        return self._on_message(self._messages.parse(message), message)
 
     def _on_audio(self, audio: bytes) -> AgentAudio | None:
         self.stats.audio_out_bytes += len(audio)

@@ -46,7 +46,8 @@ from websockets.http11 import Response
 from agent import counters
 from agent.provider import (
     AgentAudio, AgentAudioDone, AgentEvent, AgentSetup, Latency, ProviderError, ProviderFailed, ProviderMessages,
-    ProviderStats, ToolCallRequest, Transcript, Usage, UserStartedSpeaking, close_socket, merged, setup_failure,
+    ProviderStats, ToolCallRequest, Transcript, Usage, UserStartedSpeaking, close_socket, merged, read_session,
+    setup_failure,
 )
 from agent.outbox import Outbox
 from agent.tools import ToolResult
@@ -250,26 +251,11 @@ class OpenAIRealtime:
 
     # --- from OpenAI -------------------------------------------------------------------------
 
-    async def events(self) -> AsyncIterator[AgentEvent]:
-        for event in self._early:
-            yield event
-        self._early.clear()
-        ws = self._ws
-        try:
-            async for message in ws:
-                for event in self._on_message(self._messages.parse(message), message):
-                    yield event
-                    if isinstance(event, ProviderError) and event.fatal:
-                        return
-        except ConnectionClosed as exc:
-            if not self._closing:
-                close = exc.rcvd
-                yield ProviderError("OpenAI connection lost: " + (f"{close.code} {close.reason}".strip()
-                                    if close else "no close frame"), "connection_lost")
-            return
-        if not self._closing:
-            yield ProviderError(f"OpenAI closed the session ({f'{ws.close_code} {ws.close_reason}'.strip()})",
-                                "closed")
+    def events(self) -> AsyncIterator[AgentEvent]:
+        return read_session(self._ws, self._early, self._events_of, "OpenAI", lambda: self._closing)
+
+    def _events_of(self, message: str | bytes) -> list[AgentEvent]:
+        return self._on_message(self._messages.parse(message), message)
 
     def _on_message(self, data: dict, raw: str | bytes) -> list[AgentEvent]:
         """One server event -> the events it means (often none)."""

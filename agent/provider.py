@@ -29,7 +29,7 @@ import copy
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Literal, Mapping, Protocol
+from typing import AsyncIterator, Callable, Iterable, Literal, Mapping, Protocol
 
 import orjson
 from websockets.asyncio.client import ClientConnection
@@ -223,6 +223,32 @@ def setup_failure(exc: BaseException, provider: str, session: str, timeout: floa
         return ProviderFailed(f"{provider} closed the session during set-up"
                               + (f": {close.code} {close.reason}" if close else ""), "closed")
     return ProviderFailed(f"cannot reach {provider}: {exc or type(exc).__name__}", "unreachable")
+
+
+async def read_session(ws: ClientConnection, early: list[AgentEvent],
+                       events_of: Callable[[str | bytes], Iterable[AgentEvent]], provider: str,
+                       closing: Callable[[], bool]) -> AsyncIterator[AgentEvent]:
+    """A provider session's events, for `AgentProvider.events()`: those that came during set-up
+    (`early`), then `events_of(message)` for each message, until a fatal `ProviderError` or the
+    end of the socket, which is itself a `ProviderError` unless we were closing it."""
+    for event in early:
+        yield event
+    early.clear()
+    try:
+        async for message in ws:
+            for event in events_of(message):
+                yield event
+                if isinstance(event, ProviderError) and event.fatal:
+                    return
+    except ConnectionClosed as exc:
+        if not closing():
+            close = exc.rcvd
+            yield ProviderError(f"{provider} connection lost: " + (f"{close.code} {close.reason}".strip()
+                                if close else "no close frame"), "connection_lost")
+        return
+    if not closing():
+        yield ProviderError(f"{provider} closed the session ({f'{ws.close_code} {ws.close_reason}'.strip()})",
+                            "closed")
 
 
 async def close_socket(ws: ClientConnection | None) -> None:
